@@ -139,6 +139,6 @@ def test_parity_with_peft(request, fixture, targets, tokens):
     randomize_B(ours)
     copy_lora_into_peft(ours, theirs)
     want = theirs(tokens).logits
-    assert not torch.allclose(want, plain, atol=1e-3)  # the adapter really acts
+    assert (want - plain).abs().max() > 1e-4  # the adapter really acts
     torch.testing.assert_close(ours(tokens).logits, want, atol=1e-5, rtol=0)
     assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]

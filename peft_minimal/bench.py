@@ -1,0 +1,111 @@
+"""Speed benchmark: ``python -m peft_minimal.bench lora [--reps N]``.
+
+Timing targets live here, not in tests: they print ratios measured in one process, with the
+two contenders interleaved (A, B, A, B, ...) so that both see the same machine state, and
+the median of the per-pair ratios is reported.
+
+``lora`` compares, on MiniLM with the same batch and targets (query, value; r = 8):
+* a ``peft_minimal`` LoRA training step against a Hugging Face ``peft`` LoRA step
+  (target: ratio <= 1.00);
+* merged-LoRA inference against the base model (target: 1.00 +/- 0.02, since a merged
+  model *is* a plain model).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from . import lora
+from .data import load_text_classification, tokenize
+from .models import device, load_encoder
+from .train import model_inputs, seed_everything
+
+
+def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], reps: int, warmup: int = 3) -> tuple[float, float, float]:
+    """Median over ``reps`` pairs of time(a) / time(b), with the median times of each."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        a(), b()
+    times_a, times_b = [], []
+    for i in range(reps):
+        # alternate which runs first, so neither always gets the warmer cache
+        order = [(a, times_a), (b, times_b)] if i % 2 == 0 else [(b, times_b), (a, times_a)]
+        for fn, times in order:
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    ratios = [x / y for x, y in zip(times_a, times_b)]
+    return statistics.median(ratios), statistics.median(times_a), statistics.median(times_b)
+
+
+def training_step(model: torch.nn.Module, inputs: dict) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def inference(model: torch.nn.Module, inputs: dict) -> Callable[[], None]:
+    model.eval()
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+
+    @torch.no_grad()
+    def run() -> None:
+        model(**inputs)
+    return run
+
+
+def batch(tokenizer, batch_size: int, length: int) -> dict:
+    data = load_text_classification("20newsgroups", "train").subset(batch_size, seed=0)
+    ids, mask, labels = tokenize(tokenizer, data, length).tensors
+    return model_inputs((ids, mask, labels), device())
+
+
+def bench_lora(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, float]:
+    import peft
+
+    base, tokenizer = load_encoder(num_labels=20)
+    base.to(device())
+    inputs = batch(tokenizer, batch_size, length)
+    targets = ["query", "value"]
+    seed_everything(0)
+    ours = lora.add_lora(copy.deepcopy(base), lora.LoRAConfig(r=8, alpha=16, target_modules=targets,
+                                                              modules_to_save=["classifier"]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                                      modules_to_save=["classifier"]))
+    step_ratio, t_ours, t_peft = interleaved_ratio(training_step(ours, inputs), training_step(theirs, inputs), reps)
+    print(f"LoRA training step: peft_minimal {t_ours * 1e3:.1f} ms, peft {t_peft * 1e3:.1f} ms, "
+          f"ratio {step_ratio:.3f} (target <= 1.00)")
+    merged = lora.merge_and_unload(ours)
+    merged_ratio, t_merged, t_base = interleaved_ratio(inference(merged, inputs), inference(base, inputs), reps)
+    print(f"merged-LoRA inference: {t_merged * 1e3:.1f} ms, base model {t_base * 1e3:.1f} ms, "
+          f"ratio {merged_ratio:.3f} (target 1.00 +/- 0.02)")
+    return {"step_ratio": step_ratio, "merged_ratio": merged_ratio}
+
+
+BENCHES = {"lora": bench_lora}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="peft_minimal speed benchmarks (ratios)")
+    parser.add_argument("method", choices=sorted(BENCHES))
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args(argv)
+    print(f"device: {device()}, torch threads: {torch.get_num_threads()}")
+    BENCHES[args.method](args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+import pytest
+
+from peft_minimal import count_parameters, experiments
+
+
+def test_scale_from_environment(monkeypatch):
+    monkeypatch.setenv("PEFT_SCALE", "full")
+    assert experiments.current_scale().name == "full"
+    monkeypatch.setenv("PEFT_SCALE", "huge")
+    with pytest.raises(ValueError, match="PEFT_SCALE"):
+        experiments.current_scale()
+
+
+def test_prepare_methods():
+    head, _ = experiments.prepare("head")
+    assert count_parameters(head)[0] == 384 * 20 + 20
+    lora8, _ = experiments.prepare("lora", r=8)
+    assert count_parameters(lora8)[0] == 6 * 2 * 8 * (384 + 384) + 384 * 20 + 20
+    full, _ = experiments.prepare("full")
+    assert count_parameters(full)[0] == count_parameters(full)[1]
+    with pytest.raises(ValueError, match="method"):
+        experiments.prepare("prompt")
+
+
+def test_missing_record_says_how_to_make_it():
+    with pytest.raises(FileNotFoundError, match="python -m peft_minimal.experiments nothing"):
+        experiments.load_record("nothing", "ci")
+
+
+def test_committed_records_are_complete():
+    record = experiments.load_record("lora_rank_sweep", "ci")
+    methods = sorted((run["method"], run["r"] or 0) for run in record["runs"])
+    assert methods == [("full", 0), ("head", 0)] + [("lora", r) for r in (1, 2, 4, 8, 16)]
+    for run in record["runs"]:
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["trainable"] <= run["total"]
+        assert run["train_config"]["steps"] == record["scale"]["steps"]
