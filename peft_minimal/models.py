@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import logging
+import contextlib
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -86,8 +87,13 @@ def _decoder(name: str):
     hf_logging.disable_progress_bar()
     if name == DECODER:
         folder = str(decoder_folder())
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DECODER_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DECODER_GGUF, dtype=torch.float32)
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        # its de-quantization loop has a tqdm bar of its own that disable_progress_bar() misses
+        quiet = getattr(gguf_utils, "tqdm", None) and mock.patch.object(gguf_utils, "tqdm", lambda it, **_: it)
+        with quiet or contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DECODER_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DECODER_GGUF, dtype=torch.float32)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
@@ -101,5 +107,3 @@ def load_decoder(name: str = DECODER):
     base, tokenizer = _decoder(name)
     return copy.deepcopy(base), tokenizer
 
-
-logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)
