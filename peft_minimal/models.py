@@ -69,12 +69,11 @@ def load_encoder(num_labels: int, name: str = ENCODER, seed: int = 0):
     base, tokenizer = _encoder(name, num_labels)
     model = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if module is getattr(model, "classifier", None) and isinstance(module, nn.Linear):
-            std = model.config.initializer_range
-            with torch.no_grad():
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
-                module.bias.zero_()
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Linear):  # BERT's head; as transformers does: N(0, initializer_range), zero bias
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * model.config.initializer_range)
+            head.bias.zero_()
     return model, tokenizer
 
 
