@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora
+from . import lora, svd
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder
@@ -89,12 +89,12 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
 
 
 def run_classification(method: str, r: int = 8, seed: int = 0, scale: Scale | None = None,
-                       progress: bool = False, return_model: bool = False):
+                       progress: bool = False, return_model: bool = False, steps: int | None = None):
     """Fine-tune MiniLM on 20 Newsgroups with one method; return a record (and the model)."""
     scale = scale or current_scale()
     model, tokenizer = prepare(method, r, seed)
     train_data, test_data = newsgroups(scale, tokenizer)
-    config = TrainConfig(steps=scale.steps, batch_size=scale.batch_size, lr=LEARNING_RATES[method],
+    config = TrainConfig(steps=steps or scale.steps, batch_size=scale.batch_size, lr=LEARNING_RATES[method],
                          seed=seed, bf16=torch.cuda.is_available(), progress=progress)
     result = train(model, train_data, config)
     trainable, total = count_parameters(model)
@@ -111,7 +111,62 @@ def lora_rank_sweep(scale: Scale) -> list[dict]:
     return [run_classification(m, r=r, seed=0, scale=scale, progress=True) for m, r in runs]
 
 
-GRIDS = {"lora_rank_sweep": lora_rank_sweep}
+# The six kinds of linear matrix in each BERT layer, by their path inside ``encoder.layer[i]``.
+MATRIX_KINDS = {"query": "attention.self.query", "key": "attention.self.key",
+                "value": "attention.self.value", "attn.out": "attention.output.dense",
+                "ffn.in": "intermediate.dense", "ffn.out": "output.dense"}
+TRUNCATION_RANKS = (0, 1, 2, 4, 8, 16, 32, 64, None)  # None: the whole update
+
+
+def encoder_matrices(model) -> dict[tuple[int, str], torch.Tensor]:
+    """Every encoder weight matrix of a BERT classifier, keyed ``(layer, kind)``, as a CPU copy."""
+    return {(i, kind): layer.get_submodule(path).weight.detach().float().cpu().clone()
+            for i, layer in enumerate(model.bert.encoder.layer) for kind, path in MATRIX_KINDS.items()}
+
+
+@torch.no_grad()
+def set_encoder_matrices(model, matrices: dict[tuple[int, str], torch.Tensor]) -> None:
+    for (i, kind), w in matrices.items():
+        weight = model.bert.encoder.layer[i].get_submodule(MATRIX_KINDS[kind]).weight
+        weight.copy_(w.to(weight.device, weight.dtype))
+
+
+def truncated_update_accuracy(model, W0: dict, delta: dict, test_data, ranks=TRUNCATION_RANKS) -> dict:
+    """Accuracy of ``model`` with every encoder matrix set to ``W0 + [ΔW]_r`` (Eckart–Young
+    truncation of its update), for each ``r``. ``r = 0`` drops the matrix updates, ``None``
+    keeps them whole; every other parameter keeps its fine-tuned value. Restores the model."""
+    accuracy = {}
+    for r in ranks:
+        set_encoder_matrices(model, {key: W0[key] + (d if r is None else torch.zeros_like(d) if r == 0
+                                                      else svd.low_rank_approx(d, min(r, *d.shape)))
+                                     for key, d in delta.items()})
+        accuracy["full" if r is None else str(r)] = evaluate_accuracy(model, test_data)
+    set_encoder_matrices(model, {key: W0[key] + d for key, d in delta.items()})
+    return accuracy
+
+
+def update_rank(scale: Scale, steps: int, seed: int = 0, progress: bool = True) -> tuple[dict, dict, dict]:
+    """Fully fine-tune MiniLM for ``steps`` steps; measure each update ``ΔW = W_ft − W_0``:
+    its spectrum and what accuracy survives when every update is cut to rank ``r``.
+    Returns ``(record, W0, delta)``; the record holds the singular values of every ΔW."""
+    W0 = encoder_matrices(load_encoder(num_labels=20, seed=seed)[0])
+    record, model = run_classification("full", seed=seed, scale=scale, progress=progress,
+                                       return_model=True, steps=steps)
+    delta = {key: w - W0[key] for key, w in encoder_matrices(model).items()}
+    _, test_data = newsgroups(scale, load_encoder(num_labels=20)[1])
+    record["truncation_accuracy"] = truncated_update_accuracy(model, W0, delta, test_data)
+    record["delta_singular_values"] = {f"{i}.{kind}": [float(f"{s:.6g}") for s in svd.singular_values(d)]
+                                       for (i, kind), d in delta.items()}
+    return record, W0, delta
+
+
+def update_rank_grid(scale: Scale) -> list[dict]:
+    """The SVD chapter's experiment: full fine-tuning for the scale's steps (the run the
+    chapter repeats live) and for eight times as many."""
+    return [update_rank(scale, steps)[0] for steps in (scale.steps, 8 * scale.steps)]
+
+
+GRIDS = {"lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid}
 
 
 def record_path(name: str, scale: str) -> Path:

@@ -8,14 +8,16 @@ adapter saved here, and :func:`load_adapter` loads one saved by peft.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import lora
+from . import adalora, lora
 from .layers import find_target_modules, is_inside
 
 CONFIG_NAME = "adapter_config.json"
@@ -60,9 +62,65 @@ def _lora_shapes(model: nn.Module, config: lora.LoRAConfig) -> dict[str, tuple[i
     return shapes
 
 
-# peft_type -> (config -> peft dict, peft dict -> config, expected adapter shapes, add method)
-METHODS = {"LORA": (_lora_to_peft, _lora_from_peft, _lora_shapes, lora.add_lora)}
-CONFIG_TYPES = {lora.LoRAConfig: "LORA"}
+def _adalora_to_peft(config: adalora.AdaLoRAConfig) -> dict:
+    return {"peft_type": "ADALORA", "init_r": config.init_r, "target_r": config.target_r,
+            "lora_alpha": config.alpha, "lora_dropout": config.dropout, "tinit": config.tinit,
+            "tfinal": config.tfinal, "deltaT": config.delta_t, "beta1": config.beta1, "beta2": config.beta2,
+            "orth_reg_weight": config.orth_reg_weight, "total_step": config.total_step,
+            "target_modules": config.target_modules, "modules_to_save": config.modules_to_save or None,
+            "rank_pattern": config.rank_pattern, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True}
+
+
+def _adalora_from_peft(d: dict) -> adalora.AdaLoRAConfig:
+    return adalora.AdaLoRAConfig(
+        init_r=d["init_r"], target_r=d["target_r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
+        tinit=d.get("tinit", 0), tfinal=d.get("tfinal", 0), delta_t=d.get("deltaT", 1),
+        beta1=d.get("beta1", 0.85), beta2=d.get("beta2", 0.85), orth_reg_weight=d.get("orth_reg_weight", 0.5),
+        total_step=d["total_step"], target_modules=d["target_modules"],
+        modules_to_save=list(d.get("modules_to_save") or []), rank_pattern=d.get("rank_pattern"))
+
+
+def _adalora_shapes(model: nn.Module, config: adalora.AdaLoRAConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for name, module in find_target_modules(model, config.target_modules):
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"adapter targets {name!r}, which is {type(module).__name__}, not nn.Linear")
+        pattern = (config.rank_pattern or {}).get(f"{name}.lora_E")
+        r = config.init_r if pattern is None else sum(pattern)
+        shapes.update({f"{name}.lora_A": (r, module.in_features), f"{name}.lora_E": (r, 1),
+                       f"{name}.lora_B": (module.out_features, r)})
+    return shapes
+
+
+def _adalora_prune(config: adalora.AdaLoRAConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep only the surviving triplets, as peft's ``resize_state_dict_by_rank_pattern``."""
+    tensors = dict(tensors)
+    for key, pattern in (config.rank_pattern or {}).items():
+        layer, keep = key.removesuffix(".lora_E"), torch.tensor(pattern, dtype=torch.bool)
+        if tensors[f"{layer}.lora_E"].shape[0] != len(pattern):
+            continue  # already at its final rank (a loaded adapter)
+        for part in ("lora_A", "lora_E"):
+            tensors[f"{layer}.{part}"] = tensors[f"{layer}.{part}"][keep]
+        tensors[f"{layer}.lora_B"] = tensors[f"{layer}.lora_B"][:, keep]
+    return tensors
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method's adapter maps to peft's files."""
+
+    to_peft: Callable        # config -> peft's adapter_config.json dict
+    from_peft: Callable      # that dict -> config
+    shapes: Callable         # (model, config) -> {tensor name: shape} the adapter must have
+    add: Callable            # (model, config) -> model with the method added
+    prune: Callable = lambda config, tensors: tensors  # tensors as saved
+
+
+METHODS = {"LORA": Method(_lora_to_peft, _lora_from_peft, _lora_shapes, lora.add_lora),
+           "ADALORA": Method(_adalora_to_peft, _adalora_from_peft, _adalora_shapes, adalora.add_adalora,
+                             _adalora_prune)}
+CONFIG_TYPES = {lora.LoRAConfig: "LORA", adalora.AdaLoRAConfig: "ADALORA"}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,13 +135,14 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     config = getattr(model, "peft_config", None)
     if type(config) not in CONFIG_TYPES:
         raise ValueError("model has no peft_minimal adapter to save (add one with e.g. lora.add_lora)")
-    to_peft = METHODS[CONFIG_TYPES[type(config)]][0]
+    method = METHODS[CONFIG_TYPES[type(config)]]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {**to_peft(config), "task_type": _task_type(model), "inference_mode": True,
+    meta = {**method.to_peft(config), "task_type": _task_type(model), "inference_mode": True,
             "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = method.prune(config, adapter_state_dict(model))
+    tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
 
@@ -114,9 +173,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     Every shape is checked before the model is touched, so a mismatch leaves it unchanged.
     """
     meta, tensors = read_adapter(directory)
-    _, from_peft, expected_shapes, add_method = METHODS[meta["peft_type"]]
-    config = from_peft(meta)
-    expected = expected_shapes(model, config)
+    method = METHODS[meta["peft_type"]]
+    config = method.from_peft(meta)
+    expected = method.shapes(model, config)
     params = dict(model.named_parameters())
     for key, tensor in tensors.items():
         if key in expected:
@@ -130,7 +189,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"adapter file lacks {len(missing)} tensors the config implies, e.g. {missing[0]}")
-    add_method(model, config)
+    method.add(model, config)
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = model.get_parameter(key)

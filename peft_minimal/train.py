@@ -5,7 +5,9 @@ without a loop of their own:
 
 * ``extra_loss(model) -> Tensor`` is added to the task loss (AdaLoRA's orthogonality term);
 * ``after_step(model, step)`` runs after ``optimizer.step()`` and before ``zero_grad()``,
-  while gradients are still there (AdaLoRA's ``RankAllocator.update_and_allocate``).
+  while gradients are still there (AdaLoRA's ``RankAllocator.update_and_allocate``);
+  ``step`` counts the optimizer steps taken so far, 1 to ``config.steps``, so the last call
+  gets ``step == config.steps`` (AdaLoRA's ``total_step``).
 
 A batch of three tensors is (input ids, attention mask, labels) for classification; a
 batch of one tensor is a block of token ids for causal language modelling.
@@ -106,11 +108,11 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            result.steps += 1
             if after_step is not None:
                 after_step(model, result.steps)
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss.item())
-            result.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if result.steps >= config.steps:

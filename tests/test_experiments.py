@@ -34,3 +34,23 @@ def test_committed_records_are_complete():
     for run in record["runs"]:
         assert 0.0 <= run["accuracy"] <= 1.0 and run["trainable"] <= run["total"]
         assert run["train_config"]["steps"] == record["scale"]["steps"]
+
+
+def test_truncated_update_accuracy_cuts_each_update_to_rank_r(tiny_bert, monkeypatch):
+    import torch
+    W0 = experiments.encoder_matrices(tiny_bert)
+    torch.manual_seed(0)
+    delta = {key: torch.randn_like(w) * 0.1 for key, w in W0.items()}
+    seen = {}
+
+    def fake_accuracy(model, data):  # records the update each evaluation sees
+        d = experiments.encoder_matrices(model)[(0, "query")] - W0[(0, "query")]
+        seen[len(seen)] = torch.linalg.matrix_rank(d, atol=1e-4).item()
+        return 0.5
+
+    monkeypatch.setattr(experiments, "evaluate_accuracy", fake_accuracy)
+    result = experiments.truncated_update_accuracy(tiny_bert, W0, delta, None, ranks=(0, 1, 4, None))
+    assert list(result) == ["0", "1", "4", "full"]
+    assert list(seen.values()) == [0, 1, 4, 32]
+    after = experiments.encoder_matrices(tiny_bert)
+    assert all(torch.allclose(after[k], W0[k] + delta[k]) for k in W0)  # left fully updated

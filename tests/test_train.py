@@ -29,7 +29,7 @@ def test_training_learns_and_calls_hooks(tiny_bert):
     result = train(tiny_bert, data, TrainConfig(steps=60, batch_size=16, lr=2e-2, progress=False),
                    extra_loss=lambda m: torch.zeros(()), after_step=lambda m, s: seen.append(s),
                    dev=torch.device("cpu"))
-    assert seen == list(range(60)) and result.steps == 60
+    assert seen == list(range(1, 61)) and result.steps == 60
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5
     assert evaluate_accuracy(tiny_bert, data, dev=torch.device("cpu")) > 0.5
 
