@@ -162,6 +162,13 @@ def ranks(model: nn.Module) -> dict[str, int]:
     return {name: layer.rank for name, layer in svd_layers(model).items()}
 
 
+def kept_parameters(model: nn.Module) -> int:
+    """Adapter parameters that survive pruning: ``rank · (in + out + 1)`` per layer, what a
+    saved adapter holds (the paper's budget; pruned triplets still train until the end)."""
+    return sum(layer.rank * (layer.lora_A.shape[1] + layer.lora_B.shape[0] + 1)
+               for layer in svd_layers(model).values())
+
+
 def merge(model: nn.Module) -> None:
     for layer in svd_layers(model).values():
         layer.merge()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora, svd
+from . import adalora, lora, svd
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder
@@ -47,7 +47,8 @@ SCALES = {
 
 # Learning rates per method, chosen once on the ci scale (a new random head learns fast,
 # a LoRA update needs a larger step than full fine-tuning).
-LEARNING_RATES = {"head": 1e-2, "lora": 6e-3, "full": 3e-4}
+LEARNING_RATES = {"head": 1e-2, "lora": 6e-3, "adalora": 6e-3, "full": 3e-4}
+ALL_SIX = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 def current_scale() -> Scale:
@@ -73,8 +74,19 @@ def newsgroups(scale: Scale, tokenizer):
     return tokenize(tokenizer, train_set, scale.max_length), tokenize(tokenizer, test_set, scale.max_length)
 
 
-def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("query", "value")):
-    """MiniLM with a seeded head and the method applied: ``head``, ``lora`` or ``full``."""
+def adalora_config(target_r: int, steps: int, targets: tuple[str, ...] = ALL_SIX) -> adalora.AdaLoRAConfig:
+    """The book's AdaLoRA schedule: start at 1.5x the target rank (the paper's b(0) = 1.5 b(T)),
+    train 10% of the steps unpruned, prune on the cubic schedule, freeze the last 20%."""
+    init_r = max(target_r + 1, round(1.5 * target_r))
+    return adalora.AdaLoRAConfig(init_r=init_r, target_r=target_r, alpha=2 * init_r, total_step=steps,
+                                 tinit=steps // 10, tfinal=steps // 5, delta_t=1, orth_reg_weight=0.1,
+                                 target_modules=list(targets), modules_to_save=["classifier"])
+
+
+def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("query", "value"),
+            steps: int = 100):
+    """MiniLM with a seeded head and the method applied: ``head``, ``lora``, ``adalora``
+    (``r`` is the target rank; the schedule needs the run's ``steps``) or ``full``."""
     model, tokenizer = load_encoder(num_labels=20, seed=seed)
     if method == "head":
         for name, p in model.named_parameters():
@@ -83,25 +95,50 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
         seed_everything(seed)  # lora_A's Kaiming draw
         lora.add_lora(model, lora.LoRAConfig(r=r, alpha=2 * r, target_modules=list(targets),
                                              modules_to_save=["classifier"]))
+    elif method == "adalora":
+        seed_everything(seed)  # P and Q's normal draws
+        adalora.add_adalora(model, adalora_config(r, steps, targets))
     elif method != "full":
-        raise ValueError(f"method must be head, lora or full, got {method!r}")
+        raise ValueError(f"method must be head, lora, adalora or full, got {method!r}")
     return model, tokenizer
 
 
 def run_classification(method: str, r: int = 8, seed: int = 0, scale: Scale | None = None,
-                       progress: bool = False, return_model: bool = False, steps: int | None = None):
-    """Fine-tune MiniLM on 20 Newsgroups with one method; return a record (and the model)."""
+                       progress: bool = False, return_model: bool = False, steps: int | None = None,
+                       targets: tuple[str, ...] = ("query", "value"), after_step=None):
+    """Fine-tune MiniLM on 20 Newsgroups with one method; return a record (and the model).
+
+    AdaLoRA runs get its penalty and allocator wired into the loop, and their record holds the
+    final rank of every layer and the budget at every pruning step; ``after_step`` (e.g. a
+    probe that logs scores) runs after the allocator."""
     scale = scale or current_scale()
-    model, tokenizer = prepare(method, r, seed)
+    steps = steps or scale.steps
+    model, tokenizer = prepare(method, r, seed, targets, steps)
     train_data, test_data = newsgroups(scale, tokenizer)
-    config = TrainConfig(steps=steps or scale.steps, batch_size=scale.batch_size, lr=LEARNING_RATES[method],
+    config = TrainConfig(steps=steps, batch_size=scale.batch_size, lr=LEARNING_RATES[method],
                          seed=seed, bf16=torch.cuda.is_available(), progress=progress)
-    result = train(model, train_data, config)
+    extra_loss, hook, allocator = None, after_step, None
+    if method == "adalora":
+        allocator = adalora.RankAllocator(model, model.peft_config)
+        model.rank_allocator = allocator  # for probes, like peft's model.base_model.rankallocator
+        weight = model.peft_config.orth_reg_weight
+        extra_loss = lambda m: weight * adalora.orthogonal_regularization(m)  # noqa: E731
+
+        def hook(m, step):
+            allocator.update_and_allocate(m, step)
+            if after_step is not None:
+                after_step(m, step)
+    result = train(model, train_data, config, extra_loss=extra_loss, after_step=hook)
     trainable, total = count_parameters(model)
-    record = {"method": method, "r": r if method == "lora" else None, "seed": seed, "scale": scale.name,
+    record = {"method": method, "r": r if method in ("lora", "adalora") else None, "seed": seed,
+              "scale": scale.name, "targets": list(targets) if method in ("lora", "adalora") else None,
               "train_config": asdict(config), "accuracy": evaluate_accuracy(model, test_data),
               "trainable": trainable, "total": total, "train_seconds": result.seconds,
               "final_loss": sum(result.losses[-10:]) / 10, "peak_memory_mb": result.peak_memory_mb}
+    if allocator is not None:
+        record["ranks"] = adalora.ranks(model)
+        record["final_adapter_parameters"] = adalora.kept_parameters(model)
+        record["budget_history"] = allocator.history
     return (record, model) if return_model else record
 
 
@@ -166,7 +203,14 @@ def update_rank_grid(scale: Scale) -> list[dict]:
     return [update_rank(scale, steps)[0] for steps in (scale.steps, 8 * scale.steps)]
 
 
-GRIDS = {"lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid}
+def adalora_vs_lora(scale: Scale) -> list[dict]:
+    """AdaLoRA against LoRA on all six matrix types at two final budgets (average rank 2 and 8,
+    as the paper's Table 1), three seeds each."""
+    return [run_classification(method, r=budget, seed=seed, scale=scale, targets=ALL_SIX, progress=True)
+            for budget in (2, 8) for seed in (0, 1, 2) for method in ("lora", "adalora")]
+
+
+GRIDS = {"lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora}
 
 
 def record_path(name: str, scale: str) -> Path:

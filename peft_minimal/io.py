@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import adalora, lora
+from . import adalora, ia3, lora
 from .layers import find_target_modules, is_inside
 
 CONFIG_NAME = "adapter_config.json"
@@ -106,6 +106,27 @@ def _adalora_prune(config: adalora.AdaLoRAConfig, tensors: dict[str, torch.Tenso
     return tensors
 
 
+def _ia3_to_peft(config: ia3.IA3Config) -> dict:
+    return {"peft_type": "IA3", "target_modules": config.target_modules,
+            "feedforward_modules": config.feedforward_modules,
+            "modules_to_save": config.modules_to_save or None, "init_ia3_weights": True, "fan_in_fan_out": False}
+
+
+def _ia3_from_peft(d: dict) -> ia3.IA3Config:
+    return ia3.IA3Config(target_modules=d["target_modules"], feedforward_modules=d["feedforward_modules"],
+                         modules_to_save=list(d.get("modules_to_save") or []))
+
+
+def _ia3_shapes(model: nn.Module, config: ia3.IA3Config) -> dict[str, tuple[int, ...]]:
+    feedforward = ia3.feedforward_names(model, config)
+    shapes = {}
+    for name, module in find_target_modules(model, config.target_modules):
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"adapter targets {name!r}, which is {type(module).__name__}, not nn.Linear")
+        shapes[f"{name}.ia3_l"] = (1, module.in_features) if name in feedforward else (module.out_features, 1)
+    return shapes
+
+
 @dataclass(frozen=True)
 class Method:
     """How one method's adapter maps to peft's files."""
@@ -119,8 +140,9 @@ class Method:
 
 METHODS = {"LORA": Method(_lora_to_peft, _lora_from_peft, _lora_shapes, lora.add_lora),
            "ADALORA": Method(_adalora_to_peft, _adalora_from_peft, _adalora_shapes, adalora.add_adalora,
-                             _adalora_prune)}
-CONFIG_TYPES = {lora.LoRAConfig: "LORA", adalora.AdaLoRAConfig: "ADALORA"}
+                             _adalora_prune),
+           "IA3": Method(_ia3_to_peft, _ia3_from_peft, _ia3_shapes, ia3.add_ia3)}
+CONFIG_TYPES = {lora.LoRAConfig: "LORA", adalora.AdaLoRAConfig: "ADALORA", ia3.IA3Config: "IA3"}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
