@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import adalora, lora, svd
+from . import adalora, ia3, lora, svd
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder
@@ -47,7 +47,7 @@ SCALES = {
 
 # Learning rates per method, chosen once on the ci scale (a new random head learns fast,
 # a LoRA update needs a larger step than full fine-tuning).
-LEARNING_RATES = {"head": 1e-2, "lora": 6e-3, "adalora": 6e-3, "full": 3e-4}
+LEARNING_RATES = {"head": 1e-2, "lora": 6e-3, "adalora": 6e-3, "ia3": 2e-2, "full": 3e-4}
 ALL_SIX = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
@@ -95,17 +95,20 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
         seed_everything(seed)  # lora_A's Kaiming draw
         lora.add_lora(model, lora.LoRAConfig(r=r, alpha=2 * r, target_modules=list(targets),
                                              modules_to_save=["classifier"]))
+    elif method == "ia3":
+        ia3.add_ia3(model, ia3.IA3Config.for_model(model, modules_to_save=["classifier"]))
     elif method == "adalora":
         seed_everything(seed)  # P and Q's normal draws
         adalora.add_adalora(model, adalora_config(r, steps, targets))
     elif method != "full":
-        raise ValueError(f"method must be head, lora, adalora or full, got {method!r}")
+        raise ValueError(f"method must be head, lora, adalora, ia3 or full, got {method!r}")
     return model, tokenizer
 
 
 def run_classification(method: str, r: int = 8, seed: int = 0, scale: Scale | None = None,
                        progress: bool = False, return_model: bool = False, steps: int | None = None,
-                       targets: tuple[str, ...] = ("query", "value"), after_step=None):
+                       targets: tuple[str, ...] = ("query", "value"), after_step=None,
+                       lr: float | None = None):
     """Fine-tune MiniLM on 20 Newsgroups with one method; return a record (and the model).
 
     AdaLoRA runs get its penalty and allocator wired into the loop, and their record holds the
@@ -115,7 +118,7 @@ def run_classification(method: str, r: int = 8, seed: int = 0, scale: Scale | No
     steps = steps or scale.steps
     model, tokenizer = prepare(method, r, seed, targets, steps)
     train_data, test_data = newsgroups(scale, tokenizer)
-    config = TrainConfig(steps=steps, batch_size=scale.batch_size, lr=LEARNING_RATES[method],
+    config = TrainConfig(steps=steps, batch_size=scale.batch_size, lr=lr or LEARNING_RATES[method],
                          seed=seed, bf16=torch.cuda.is_available(), progress=progress)
     extra_loss, hook, allocator = None, after_step, None
     if method == "adalora":
@@ -210,7 +213,17 @@ def adalora_vs_lora(scale: Scale) -> list[dict]:
             for budget in (2, 8) for seed in (0, 1, 2) for method in ("lora", "adalora")]
 
 
-GRIDS = {"lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora}
+IA3_LEARNING_RATES = (6e-3, 2e-2, 6e-2)
+
+
+def ia3_learning_rate(scale: Scale) -> list[dict]:
+    """(IA)³ at LoRA's learning rate and at 3x and 10x more, with LoRA r = 8 (q, v) for
+    reference; seed 0. Same process, same machine, so the training times compare too."""
+    runs = [run_classification("ia3", seed=0, scale=scale, lr=lr, progress=True) for lr in IA3_LEARNING_RATES]
+    return runs + [run_classification("lora", r=8, seed=0, scale=scale, progress=True)]
+
+
+GRIDS = {"ia3_learning_rate": ia3_learning_rate, "lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora}
 
 
 def record_path(name: str, scale: str) -> Path:
