@@ -33,6 +33,8 @@ book: install $(MATHJAX)
 
 bench: install
 	$(PY) -m peft_minimal.bench lora
+	$(PY) -m peft_minimal.bench adalora
+	$(PY) -m peft_minimal.bench ia3
 
 clean:
 	rm -rf _build $(VENV) _static/mathjax

@@ -16,6 +16,11 @@ matrix types, init_r = 12, target_r = 8, pruning at every step:
 * ``peft_minimal`` against Hugging Face ``peft`` (target: ratio <= 1.05);
 * ``peft_minimal`` AdaLoRA against ``peft_minimal`` LoRA r = 8 on the same matrices: the
   price of scoring and masking (the paper reports +11% time per epoch).
+
+``ia3`` compares, on MiniLM with the paper's places (key, value, the FFN's output.dense):
+* a ``peft_minimal`` (IA)³ training step against a Hugging Face ``peft`` (IA)³ step on the
+  same modules (target: ratio <= 1.00);
+* merged-(IA)³ inference against the base model (target: 1.00 +/- 0.02).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from . import adalora, lora
+from . import adalora, ia3, lora
 from .data import load_text_classification, tokenize
 from .models import device, load_encoder
 from .train import model_inputs, seed_everything
@@ -154,7 +159,28 @@ def bench_adalora(reps: int, batch_size: int = 32, length: int = 128) -> dict[st
     return {"step_ratio": ratio, "overhead_vs_lora": overhead}
 
 
-BENCHES = {"lora": bench_lora, "adalora": bench_adalora}
+def bench_ia3(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, float]:
+    import peft
+
+    base, tokenizer = load_encoder(num_labels=20)
+    base.to(device())
+    inputs = batch(tokenizer, batch_size, length)
+    config = ia3.IA3Config.for_model(base, modules_to_save=["classifier"])
+    ours = ia3.add_ia3(copy.deepcopy(base), config)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(
+        target_modules=config.target_modules, feedforward_modules=config.feedforward_modules,
+        modules_to_save=["classifier"]))
+    step_ratio, t_ours, t_peft = interleaved_ratio(training_step(ours, inputs), training_step(theirs, inputs), reps)
+    print(f"(IA)^3 training step: peft_minimal {t_ours * 1e3:.1f} ms, peft {t_peft * 1e3:.1f} ms, "
+          f"ratio {step_ratio:.3f} (target <= 1.00)")
+    merged = ia3.merge_and_unload(ours)
+    merged_ratio, t_merged, t_base = interleaved_ratio(inference(merged, inputs), inference(base, inputs), reps)
+    print(f"merged-(IA)^3 inference: {t_merged * 1e3:.1f} ms, base model {t_base * 1e3:.1f} ms, "
+          f"ratio {merged_ratio:.3f} (target 1.00 +/- 0.02)")
+    return {"step_ratio": step_ratio, "merged_ratio": merged_ratio}
+
+
+BENCHES = {"lora": bench_lora, "adalora": bench_adalora, "ia3": bench_ia3}
 
 
 def main(argv: list[str] | None = None) -> None:

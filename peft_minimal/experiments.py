@@ -47,7 +47,7 @@ SCALES = {
 
 # Learning rates per method, chosen once on the ci scale (a new random head learns fast,
 # a LoRA update needs a larger step than full fine-tuning).
-LEARNING_RATES = {"head": 1e-2, "lora": 6e-3, "adalora": 6e-3, "ia3": 2e-2, "full": 3e-4}
+LEARNING_RATES = {"head": 1e-2, "lora": 6e-3, "adalora": 6e-3, "ia3": 6e-2, "full": 3e-4}
 ALL_SIX = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 

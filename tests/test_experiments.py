@@ -54,3 +54,24 @@ def test_truncated_update_accuracy_cuts_each_update_to_rank_r(tiny_bert, monkeyp
     assert list(seen.values()) == [0, 1, 4, 32]
     after = experiments.encoder_matrices(tiny_bert)
     assert all(torch.allclose(after[k], W0[k] + delta[k]) for k in W0)  # left fully updated
+
+
+def test_prepare_adalora_and_ia3():
+    model, _ = experiments.prepare("adalora", r=2, targets=experiments.ALL_SIX, steps=80)
+    config = model.peft_config
+    assert (config.init_r, config.target_r, config.tinit, config.tfinal) == (3, 2, 8, 16)
+    # 6 layers x (4 attention matrices 384x384 + FFN in and out 384<->1536), r (in + out + 1) each
+    per_layer = 4 * (384 + 384 + 1) + 2 * (384 + 1536 + 1)
+    assert count_parameters(model)[0] == 6 * 3 * per_layer + 384 * 20 + 20
+    model, _ = experiments.prepare("ia3")
+    assert count_parameters(model)[0] == 6 * (384 + 384 + 1536) + 384 * 20 + 20
+
+
+def test_committed_records_of_later_chapters():
+    update = experiments.load_record("update_rank", "ci")
+    short, long = update["runs"]
+    assert long["train_config"]["steps"] == 8 * short["train_config"]["steps"] == 8 * update["scale"]["steps"]
+    for run in update["runs"]:
+        assert set(run["truncation_accuracy"]) == {"0", "1", "2", "4", "8", "16", "32", "64", "full"}
+        assert run["truncation_accuracy"]["full"] == run["accuracy"]  # the whole update is the model
+        assert len(run["delta_singular_values"]) == 36
