@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module
+from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module, unload
 
 
 @dataclass
@@ -180,12 +180,8 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    for name, layer in svd_layers(model).items():
-        layer.merge()
-        replace_module(model, name, layer.base_layer)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
+    """Fold every surviving ``P Λ Q`` into its weight and put plain ``nn.Linear`` layers back."""
+    return unload(model, SVDLinear)
 
 
 class RankAllocator:

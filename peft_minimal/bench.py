@@ -85,6 +85,18 @@ def batch(tokenizer, batch_size: int, length: int) -> dict:
     return model_inputs((ids, mask, labels), device())
 
 
+def compare_with_peft(name: str, ours, theirs, merge_and_unload, base, inputs: dict, reps: int) -> dict[str, float]:
+    """Training-step ratio ours / peft, then merged inference / base model, both interleaved."""
+    step_ratio, t_ours, t_peft = interleaved_ratio(training_step(ours, inputs), training_step(theirs, inputs), reps)
+    print(f"{name} training step: peft_minimal {t_ours * 1e3:.1f} ms, peft {t_peft * 1e3:.1f} ms, "
+          f"ratio {step_ratio:.3f} (target <= 1.00)")
+    merged = merge_and_unload(ours)
+    merged_ratio, t_merged, t_base = interleaved_ratio(inference(merged, inputs), inference(base, inputs), reps)
+    print(f"merged-{name} inference: {t_merged * 1e3:.1f} ms, base model {t_base * 1e3:.1f} ms, "
+          f"ratio {merged_ratio:.3f} (target 1.00 +/- 0.02)")
+    return {"step_ratio": step_ratio, "merged_ratio": merged_ratio}
+
+
 def bench_lora(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, float]:
     import peft
 
@@ -97,14 +109,7 @@ def bench_lora(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, 
                                                               modules_to_save=["classifier"]))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
                                                                       modules_to_save=["classifier"]))
-    step_ratio, t_ours, t_peft = interleaved_ratio(training_step(ours, inputs), training_step(theirs, inputs), reps)
-    print(f"LoRA training step: peft_minimal {t_ours * 1e3:.1f} ms, peft {t_peft * 1e3:.1f} ms, "
-          f"ratio {step_ratio:.3f} (target <= 1.00)")
-    merged = lora.merge_and_unload(ours)
-    merged_ratio, t_merged, t_base = interleaved_ratio(inference(merged, inputs), inference(base, inputs), reps)
-    print(f"merged-LoRA inference: {t_merged * 1e3:.1f} ms, base model {t_base * 1e3:.1f} ms, "
-          f"ratio {merged_ratio:.3f} (target 1.00 +/- 0.02)")
-    return {"step_ratio": step_ratio, "merged_ratio": merged_ratio}
+    return compare_with_peft("LoRA", ours, theirs, lora.merge_and_unload, base, inputs, reps)
 
 
 def adalora_step(model: torch.nn.Module, inputs: dict, allocate: Callable[[int], None],
@@ -170,14 +175,7 @@ def bench_ia3(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, f
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(
         target_modules=config.target_modules, feedforward_modules=config.feedforward_modules,
         modules_to_save=["classifier"]))
-    step_ratio, t_ours, t_peft = interleaved_ratio(training_step(ours, inputs), training_step(theirs, inputs), reps)
-    print(f"(IA)^3 training step: peft_minimal {t_ours * 1e3:.1f} ms, peft {t_peft * 1e3:.1f} ms, "
-          f"ratio {step_ratio:.3f} (target <= 1.00)")
-    merged = ia3.merge_and_unload(ours)
-    merged_ratio, t_merged, t_base = interleaved_ratio(inference(merged, inputs), inference(base, inputs), reps)
-    print(f"merged-(IA)^3 inference: {t_merged * 1e3:.1f} ms, base model {t_base * 1e3:.1f} ms, "
-          f"ratio {merged_ratio:.3f} (target 1.00 +/- 0.02)")
-    return {"step_ratio": step_ratio, "merged_ratio": merged_ratio}
+    return compare_with_peft("(IA)^3", ours, theirs, ia3.merge_and_unload, base, inputs, reps)
 
 
 BENCHES = {"lora": bench_lora, "adalora": bench_adalora, "ia3": bench_ia3}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module
+from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module, unload
 
 # The paper's places. A list entry "output.dense" would match BERT's attention.output.dense
 # too (peft's default does, and peft's feed-forward check, a bare ``endswith``, then scales that
@@ -150,11 +150,5 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every vector and put plain ``nn.Linear`` layers back (the copies are dropped)."""
-    for name, layer in ia3_layers(model).items():
-        layer.merge()
-        layer._original = None
-        replace_module(model, name, layer.base_layer)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
+    """Merge every vector and put plain ``nn.Linear`` layers back (the kept copies go with them)."""
+    return unload(model, IA3Linear)

@@ -72,6 +72,17 @@ def is_inside(param_name: str, modules: Sequence[str]) -> bool:
     )
 
 
+def unload(model: nn.Module, wrapper: type) -> nn.Module:
+    """Merge every ``wrapper`` layer and put its ``base_layer`` back: an ordinary model again."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, wrapper):
+            module.merge()
+            replace_module(model, name, module.base_layer)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Return ``(trainable, total)`` parameter counts, as peft's ``get_nb_trainable_parameters``."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

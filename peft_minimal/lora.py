@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module
+from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module, unload
 
 
 @dataclass
@@ -142,10 +142,4 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge and put plain ``nn.Linear`` layers back: the result is an ordinary model."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            module.merge()
-            replace_module(model, name, module.base_layer)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
+    return unload(model, LoRALinear)
