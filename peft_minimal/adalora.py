@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module, unload
+from .layers import check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, unload, unmerge_all
 
 
 @dataclass
@@ -170,13 +170,13 @@ def kept_parameters(model: nn.Module) -> int:
 
 
 def merge(model: nn.Module) -> None:
-    for layer in svd_layers(model).values():
-        layer.merge()
+    """Fold every ``scaling * P Λ Q`` into its base weight."""
+    merge_all(model, SVDLinear)
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in svd_layers(model).values():
-        layer.unmerge()
+    """Subtract every merged update again, restoring the pretrained weights."""
+    unmerge_all(model, SVDLinear)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

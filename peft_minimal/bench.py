@@ -79,10 +79,12 @@ def inference(model: torch.nn.Module, inputs: dict) -> Callable[[], None]:
     return run
 
 
-def batch(tokenizer, batch_size: int, length: int) -> dict:
+def encoder_and_batch(batch_size: int, length: int) -> tuple[torch.nn.Module, dict]:
+    """MiniLM on the device and one fixed batch of 20 Newsgroups messages for it."""
+    base, tokenizer = load_encoder(num_labels=20)
     data = load_text_classification("20newsgroups", "train").subset(batch_size, seed=0)
     ids, mask, labels = tokenize(tokenizer, data, length).tensors
-    return model_inputs((ids, mask, labels), device())
+    return base.to(device()), model_inputs((ids, mask, labels), device())
 
 
 def compare_with_peft(name: str, ours, theirs, merge_and_unload, base, inputs: dict, reps: int) -> dict[str, float]:
@@ -100,9 +102,7 @@ def compare_with_peft(name: str, ours, theirs, merge_and_unload, base, inputs: d
 def bench_lora(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, float]:
     import peft
 
-    base, tokenizer = load_encoder(num_labels=20)
-    base.to(device())
-    inputs = batch(tokenizer, batch_size, length)
+    base, inputs = encoder_and_batch(batch_size, length)
     targets = ["query", "value"]
     seed_everything(0)
     ours = lora.add_lora(copy.deepcopy(base), lora.LoRAConfig(r=8, alpha=16, target_modules=targets,
@@ -137,9 +137,7 @@ ALL_SIX = ["query", "key", "value", "attention.output.dense", "intermediate.dens
 def bench_adalora(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, float]:
     import peft
 
-    base, tokenizer = load_encoder(num_labels=20)
-    base.to(device())
-    inputs = batch(tokenizer, batch_size, length)
+    base, inputs = encoder_and_batch(batch_size, length)
     # a schedule long enough that every timed step is inside the budgeting phase
     total = 100 * (reps + 3)
     config = adalora.AdaLoRAConfig(init_r=12, target_r=8, alpha=16, total_step=total, orth_reg_weight=0.5,
@@ -167,9 +165,7 @@ def bench_adalora(reps: int, batch_size: int = 32, length: int = 128) -> dict[st
 def bench_ia3(reps: int, batch_size: int = 32, length: int = 128) -> dict[str, float]:
     import peft
 
-    base, tokenizer = load_encoder(num_labels=20)
-    base.to(device())
-    inputs = batch(tokenizer, batch_size, length)
+    base, inputs = encoder_and_batch(batch_size, length)
     config = ia3.IA3Config.for_model(base, modules_to_save=["classifier"])
     ours = ia3.add_ia3(copy.deepcopy(base), config)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module, unload
+from .layers import check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, unload, unmerge_all
 
 # The paper's places. A list entry "output.dense" would match BERT's attention.output.dense
 # too (peft's default does, and peft's feed-forward check, a bare ``endswith``, then scales that
@@ -140,13 +140,13 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
 
 
 def merge(model: nn.Module) -> None:
-    for layer in ia3_layers(model).values():
-        layer.merge()
+    """Fold every vector into its weight: ``diag(l) W`` (and ``l ⊙ b``) or ``W diag(l)``."""
+    merge_all(model, IA3Linear)
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in ia3_layers(model).values():
-        layer.unmerge()
+    """Restore every merged weight, bit for bit, from its kept copy."""
+    unmerge_all(model, IA3Linear)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

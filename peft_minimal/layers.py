@@ -72,6 +72,20 @@ def is_inside(param_name: str, modules: Sequence[str]) -> bool:
     )
 
 
+def merge_all(model: nn.Module, wrapper: type) -> None:
+    """Call ``merge()`` on every ``wrapper`` layer of ``model``."""
+    for module in model.modules():
+        if isinstance(module, wrapper):
+            module.merge()
+
+
+def unmerge_all(model: nn.Module, wrapper: type) -> None:
+    """Call ``unmerge()`` on every ``wrapper`` layer of ``model``."""
+    for module in model.modules():
+        if isinstance(module, wrapper):
+            module.unmerge()
+
+
 def unload(model: nn.Module, wrapper: type) -> nn.Module:
     """Merge every ``wrapper`` layer and put its ``base_layer`` back: an ordinary model again."""
     for name, module in list(model.named_modules()):

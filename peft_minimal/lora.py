@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module, unload
+from .layers import check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, unload, unmerge_all
 
 
 @dataclass
@@ -130,14 +130,12 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 
 def merge(model: nn.Module) -> None:
     """Fold every LoRA update into its base weight (forward then skips the LoRA branch)."""
-    for layer in lora_layers(model):
-        layer.merge()
+    merge_all(model, LoRALinear)
 
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged LoRA update again, restoring the pretrained weights."""
-    for layer in lora_layers(model):
-        layer.unmerge()
+    unmerge_all(model, LoRALinear)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
