@@ -9,11 +9,11 @@ so a live run and a recorded run with the same arguments are the same computatio
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from . import adalora, ia3, lora, svd
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder
+from .record import environment
 from .train import TrainConfig, evaluate_accuracy, seed_everything, train
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -59,12 +60,6 @@ def current_scale() -> Scale:
     return SCALES[name]
 
 
-def environment() -> dict:
-    import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "device": str(device()),
-            "cpu_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def newsgroups(scale: Scale, tokenizer):
@@ -84,16 +79,17 @@ def adalora_config(target_r: int, steps: int, targets: tuple[str, ...] = ALL_SIX
 
 
 def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("query", "value"),
-            steps: int = 100):
+            steps: int = 100, alpha: float | None = None):
     """MiniLM with a seeded head and the method applied: ``head``, ``lora``, ``adalora``
-    (``r`` is the target rank; the schedule needs the run's ``steps``) or ``full``."""
+    (``r`` is the target rank; the schedule needs the run's ``steps``), ``ia3`` or ``full``.
+    LoRA's ``alpha`` defaults to ``2 r``; a rank sweep that varies only the rank fixes it."""
     model, tokenizer = load_encoder(num_labels=20, seed=seed)
     if method == "head":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("classifier.")
     elif method == "lora":
         seed_everything(seed)  # lora_A's Kaiming draw
-        lora.add_lora(model, lora.LoRAConfig(r=r, alpha=2 * r, target_modules=list(targets),
+        lora.add_lora(model, lora.LoRAConfig(r=r, alpha=alpha or 2 * r, target_modules=list(targets),
                                              modules_to_save=["classifier"]))
     elif method == "ia3":
         ia3.add_ia3(model, ia3.IA3Config.for_model(model, modules_to_save=["classifier"]))
@@ -223,6 +219,154 @@ def ia3_learning_rate(scale: Scale) -> list[dict]:
     return runs + [run_classification("lora", r=8, seed=0, scale=scale, progress=True)]
 
 
+# ── the protocol (see protocol.py): validation-tuned rates, learning curves, seeds ─────────
+@dataclass(frozen=True)
+class Protocol:
+    """The sizes of the book's protocol at one scale. ``steps[k]`` is the run length for K
+    examples per class (``None``: the whole pool), chosen from a pilot so that curves plateau."""
+
+    name: str
+    max_length: int
+    validation_per_class: int
+    batch_size: int
+    steps: tuple[tuple[int | None, int], ...]
+    evaluations: int = 8  # learning-curve points per run
+
+    def steps_for(self, k: int | None) -> int:
+        return dict(self.steps)[k]
+
+    def eval_every(self, k: int | None) -> int:
+        return max(1, self.steps_for(k) // self.evaluations)
+
+
+PROTOCOLS = {
+    "ci": Protocol("ci", max_length=64, validation_per_class=25, batch_size=32,
+                   steps=((16, 160), (64, 320), (None, 1200))),
+    "full": Protocol("full", max_length=256, validation_per_class=50, batch_size=32,
+                     steps=((16, 300), (64, 600), (None, 3000))),
+}
+
+# Each method's learning-rate grid (≥ 3 values, a factor of ~3 apart), searched on validation.
+LR_GRIDS = {"head": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2), "adalora": (1e-3, 3e-3, 1e-2),
+            "ia3": (1e-2, 3e-2, 1e-1), "full": (3e-5, 1e-4, 3e-4)}
+LORA_ALPHA = 16  # fixed across ranks (LoRA §4.1): a rank sweep varies only the rank
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One fine-tuning (or probe) run of the protocol; its :meth:`key` names it in a record."""
+
+    method: str  # probe, head, lora, adalora, ia3, full
+    lr: float = 0.0
+    seed: int = 0
+    k: int | None = None
+    r: int = 8
+    targets: tuple[str, ...] = ("query", "value")
+
+    def key(self) -> str:
+        parts = [self.method, f"k={self.k or 'all'}", f"seed={self.seed}"]
+        if self.method in ("lora", "adalora"):
+            parts += [f"r={self.r}", "t=" + ",".join(self.targets)]
+        if self.method != "probe":
+            parts.append(f"lr={self.lr:g}")
+        return "|".join(parts)
+
+
+def current_protocol() -> Protocol:
+    return PROTOCOLS[current_scale().name]
+
+
+@functools.lru_cache(maxsize=4)
+def protocol_data(max_length: int, validation_per_class: int):
+    """``(pool, validation, test)`` texts and the tokenized validation and test sets."""
+    from .protocol import carve_validation
+
+    pool, validation = carve_validation(load_text_classification("20newsgroups", "train"), validation_per_class)
+    test = load_text_classification("20newsgroups", "test")
+    tokenizer = load_encoder(num_labels=20)[1]
+    return pool, validation, test, tokenize(tokenizer, validation, max_length), tokenize(tokenizer, test, max_length)
+
+
+def run_probe(spec: RunSpec, proto: Protocol) -> dict:
+    """The linear probe on frozen mean-pooled features; ``C`` chosen on validation."""
+    from .protocol import few_shot, linear_probe, mean_pooled_features, pack_correct
+
+    pool, validation, test, _, _ = protocol_data(proto.max_length, proto.validation_per_class)
+    train_texts = few_shot(pool, spec.k, spec.seed)
+    model, tokenizer = load_encoder(num_labels=20)
+    encoder = model.bert.to(device())
+    feats = {name: mean_pooled_features(encoder, tokenizer, d.texts, proto.max_length)
+             for name, d in (("train", train_texts), ("val", validation), ("test", test))}
+    probe, scores = linear_probe(feats["train"], train_texts.labels, feats["val"], validation.labels)
+    predictions = torch.as_tensor(probe.predict(feats["test"]))
+    return {"spec": asdict(spec), "val_accuracy": max(scores.values()), "val_by_C": {str(c): v for c, v in scores.items()},
+            "C": probe[-1].C, "test_accuracy": float((predictions.numpy() == test.labels).mean()),
+            "test_correct": pack_correct(predictions, test.labels), "trainable": 20 * 384 + 20,
+            "train_examples": len(train_texts)}
+
+
+def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = False,
+                 return_model: bool = False):
+    """One run of the protocol: train on K per class (or all) of the pool, a learning curve on
+    validation, keep the best validation point, then read the whole test split once."""
+    from .protocol import few_shot, pack_correct, plateaued
+    from .train import evaluate
+
+    proto = proto or current_protocol()
+    if spec.method == "probe":
+        return run_probe(spec, proto)
+    steps = proto.steps_for(spec.k)
+    pool, _, test, val_set, test_set = protocol_data(proto.max_length, proto.validation_per_class)
+    model, tokenizer = prepare(spec.method, spec.r, spec.seed, spec.targets, steps, alpha=LORA_ALPHA)
+    train_set = tokenize(tokenizer, few_shot(pool, spec.k, spec.seed), proto.max_length)
+    config = TrainConfig(steps=steps, batch_size=proto.batch_size, lr=spec.lr, seed=spec.seed,
+                         bf16=torch.cuda.is_available(), progress=progress, eval_every=proto.eval_every(spec.k))
+    extra_loss, hook = None, None
+    if spec.method == "adalora":
+        allocator = adalora.RankAllocator(model, model.peft_config)
+        weight = model.peft_config.orth_reg_weight
+        extra_loss = lambda m: weight * adalora.orthogonal_regularization(m)  # noqa: E731
+        hook = allocator.update_and_allocate
+        # only points with the final budget may be kept, or a run could end above its budget
+        config = replace(config, keep_best_after=steps - model.peft_config.tfinal)
+    result = train(model, train_set, config, extra_loss=extra_loss, after_step=hook, validation=val_set)
+    kept = next(point for point in result.curve if point["step"] == result.best_step)
+    scores = evaluate(model, test_set)
+    trainable, total = count_parameters(model)
+    record = {"spec": asdict(spec), "steps": steps, "train_config": asdict(config), "curve": result.curve,
+              "best_step": result.best_step, "val_accuracy": kept["val_accuracy"], "val_loss": kept["val_loss"],
+              "plateaued": plateaued(result.curve), "test_accuracy": scores.accuracy, "test_loss": scores.loss,
+              "test_correct": pack_correct(scores.predictions, test.labels), "trainable": trainable,
+              "total": total, "train_seconds": result.seconds, "train_examples": len(train_set)}
+    if spec.method == "adalora":
+        record["ranks"] = adalora.ranks(model)
+        record["final_adapter_parameters"] = adalora.kept_parameters(model)
+    return (record, model) if return_model else record
+
+
+def tuned_runs(record, spec: RunSpec, seeds=(0, 1, 2), proto: Protocol | None = None) -> list[dict]:
+    """Runs of ``spec`` at its method's best rate: the rate grid on seed 0, chosen on
+    validation (``protocol.best_learning_rate``), then the other seeds at that rate."""
+    from .protocol import best_learning_rate
+
+    proto = proto or current_protocol()
+    run = lambda s: record.run(s.key(), lambda: run_protocol(s, proto, progress=True))  # noqa: E731
+    if spec.method == "probe":
+        return [run(replace(spec, seed=seed)) for seed in seeds]
+    grid = [run(replace(spec, lr=lr, seed=seeds[0])) for lr in LR_GRIDS[spec.method]]
+    lr = best_learning_rate([{"lr": g["spec"]["lr"], "val_accuracy": g["val_accuracy"], "val_loss": g["val_loss"]}
+                             for g in grid])
+    return [run(replace(spec, lr=lr, seed=seed)) for seed in seeds]
+
+
+def protocol_grid(proto: Protocol, record) -> None:
+    """The main grid of chapters 2-4, in the order the chapters need it; resumable."""
+    for k in (64, 16):
+        for spec in (RunSpec("probe", k=k), RunSpec("full", k=k), RunSpec("lora", k=k, r=8),
+                     RunSpec("head", k=k), RunSpec("ia3", k=k)):
+            tuned_runs(record, spec, proto=proto)
+
+
 GRIDS = {"ia3_learning_rate": ia3_learning_rate, "lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora}
 
 
@@ -237,12 +381,28 @@ def load_record(name: str, scale: str) -> dict:
     return json.loads(path.read_text())
 
 
+PROTOCOL_GRIDS = {"protocol": protocol_grid}
+
+
+def open_record(name: str, proto: Protocol):
+    """The resumable record ``results/NAME-<scale>.json`` of a protocol grid."""
+    from .record import Record
+
+    return Record.open(record_path(name, proto.name), name=name, scale=asdict(proto))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(GRIDS))
+    parser.add_argument("name", choices=sorted(GRIDS) + sorted(PROTOCOL_GRIDS))
     parser.add_argument("--scale", choices=sorted(SCALES), default=current_scale().name)
     args = parser.parse_args(argv)
     start = time.time()
+    if args.name in PROTOCOL_GRIDS:  # resumable: every finished run is in the file at once
+        record = open_record(args.name, PROTOCOLS[args.scale])
+        before = len(record)
+        PROTOCOL_GRIDS[args.name](PROTOCOLS[args.scale], record)
+        print(f"{record.path}: {len(record) - before} new runs, {len(record)} in all, {time.time() - start:.0f} s")
+        return
     runs = GRIDS[args.name](SCALES[args.scale])
     record = {"name": args.name, "scale": asdict(SCALES[args.scale]), "environment": environment(),
               "wall_seconds": time.time() - start, "runs": runs}

@@ -9,6 +9,11 @@ without a loop of their own:
   ``step`` counts the optimizer steps taken so far, 1 to ``config.steps``, so the last call
   gets ``step == config.steps`` (AdaLoRA's ``total_step``).
 
+Given a ``validation`` set and ``config.eval_every``, the loop records a learning curve
+(validation accuracy and loss, and the mean training loss since the last point) and, with
+``config.keep_best``, ends holding the trainable weights of its best validation point: the
+validation split picks the step, the test split is never seen here.
+
 A batch of three tensors is (input ids, attention mask, labels) for classification; a
 batch of one tensor is a block of token ids for causal language modelling.
 """
@@ -41,6 +46,9 @@ class TrainConfig:
     bf16: bool = False  # autocast to bfloat16; used only on a GPU
     eval_batch_size: int = 128
     progress: bool = True
+    eval_every: int = 0      # validation every N steps (0: never); needs a validation set
+    keep_best: bool = True   # end with the weights of the best validation accuracy
+    keep_best_after: int = 0  # only points from this step on may be kept (AdaLoRA: budget final)
 
 
 @dataclass
@@ -49,6 +57,15 @@ class TrainResult:
     seconds: float = 0.0
     steps: int = 0
     peak_memory_mb: float | None = None  # GPU only
+    curve: list[dict] = field(default_factory=list)  # {step, train_loss, val_accuracy, val_loss}
+    best_step: int | None = None  # the curve point whose weights the model ends with
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float                # mean cross-entropy
+    predictions: torch.Tensor  # arg-max label of every example, in data set order
 
 
 def seed_everything(seed: int) -> None:
@@ -78,12 +95,18 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
           extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
           after_step: Callable[[nn.Module, int], None] | None = None,
-          dev: torch.device | None = None) -> TrainResult:
-    """Train the parameters of ``model`` that require grad for ``config.steps`` optimizer steps."""
+          dev: torch.device | None = None, validation: Dataset | None = None) -> TrainResult:
+    """Train the parameters of ``model`` that require grad for ``config.steps`` optimizer steps.
+
+    With ``validation`` and ``config.eval_every > 0`` it also records the learning curve
+    (see the module docstring) and, if ``config.keep_best``, restores the best point's weights.
+    """
     dev = dev or default_device()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameter: add a method or unfreeze something")
+    if config.eval_every and validation is None:
+        raise ValueError("eval_every needs a validation set: train(..., validation=...)")
     seed_everything(config.seed)
     model.to(dev).train()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -96,6 +119,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     result = TrainResult()
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    since_eval: list[float] = []
     start = time.perf_counter()
     bar = tqdm(total=config.steps, disable=not config.progress, mininterval=2.0, desc="train")
     while result.steps < config.steps:
@@ -113,30 +138,59 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
                 after_step(model, result.steps)
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss.item())
+            since_eval.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if config.eval_every and (result.steps % config.eval_every == 0 or result.steps == config.steps):
+                scores = evaluate(model, validation, config.eval_batch_size, dev)
+                model.train()
+                result.curve.append({"step": result.steps, "train_loss": sum(since_eval) / len(since_eval),
+                                     "val_accuracy": scores.accuracy, "val_loss": scores.loss})
+                since_eval = []
+                eligible = result.steps >= config.keep_best_after
+                if eligible and (best is None or scores.accuracy > best[0]):  # ties keep the earlier point
+                    best = (scores.accuracy, trainable_state(model))
+                    result.best_step = result.steps
             if result.steps >= config.steps:
                 break
     bar.close()
     result.seconds = time.perf_counter() - start
+    if best is not None and config.keep_best:
+        model.load_state_dict(best[1], strict=False)
+    elif best is not None:
+        result.best_step = config.steps
     if dev.type == "cuda":
         result.peak_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     model.eval()
     return result
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every trainable parameter (what a run changes), keyed as in ``state_dict``."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 128,
-                      dev: torch.device | None = None) -> float:
-    """Share of examples whose arg-max logit is the label."""
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128,
+             dev: torch.device | None = None) -> Evaluation:
+    """Accuracy, mean cross-entropy and the predicted label of every example of ``dataset``."""
     dev = dev or default_device()
     model.to(dev).eval()
-    correct = 0
+    predictions, correct, loss_sum = [], 0, 0.0
     for batch in DataLoader(dataset, batch_size=batch_size):
         inputs = model_inputs(batch, dev)
         labels = inputs.pop("labels")
-        correct += (model(**inputs).logits.argmax(-1) == labels).sum().item()
-    return correct / len(dataset)
+        logits = model(**inputs).logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        predictions.append(logits.argmax(-1).cpu())
+        correct += (predictions[-1] == labels.cpu()).sum().item()
+    return Evaluation(correct / len(dataset), loss_sum / len(dataset), torch.cat(predictions))
+
+
+def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 128,
+                      dev: torch.device | None = None) -> float:
+    """Share of examples whose arg-max logit is the label."""
+    return evaluate(model, dataset, batch_size, dev).accuracy
 
 
 @torch.no_grad()

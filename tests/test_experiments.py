@@ -75,3 +75,38 @@ def test_committed_records_of_later_chapters():
         assert set(run["truncation_accuracy"]) == {"0", "1", "2", "4", "8", "16", "32", "64", "full"}
         assert run["truncation_accuracy"]["full"] == run["accuracy"]  # the whole update is the model
         assert len(run["delta_singular_values"]) == 36
+
+
+def test_run_keys_name_every_setting_that_matters():
+    spec = experiments.RunSpec("lora", lr=1e-3, k=64, r=8)
+    assert spec.key() == "lora|k=64|seed=0|r=8|t=query,value|lr=0.001"
+    assert experiments.RunSpec("full", lr=1e-4, r=8).key() == experiments.RunSpec("full", lr=1e-4, r=2).key()
+    assert len({spec.key(), experiments.RunSpec("lora", lr=1e-3, k=64, r=4).key(),
+                experiments.RunSpec("lora", lr=3e-3, k=64, r=8).key(), experiments.RunSpec("lora", lr=1e-3, k=16).key(),
+                experiments.RunSpec("lora", lr=1e-3, k=64, seed=1).key()}) == 5
+    assert experiments.RunSpec("probe", k=16).key() == "probe|k=16|seed=0"
+
+
+def test_tuned_runs_pick_the_rate_on_validation_then_add_seeds(tmp_path, monkeypatch):
+    from peft_minimal.record import Record
+    calls = []
+
+    def fake_run(spec, proto, progress=False):
+        calls.append((spec.lr, spec.seed))
+        return {"spec": {"lr": spec.lr}, "val_accuracy": {1e-3: 0.4, 3e-3: 0.6, 1e-2: 0.5}[spec.lr],
+                "val_loss": 1.0, "test_accuracy": 0.0}
+
+    monkeypatch.setattr(experiments, "run_protocol", fake_run)
+    record = Record.open(tmp_path / "r.json", "r", {})
+    runs = experiments.tuned_runs(record, experiments.RunSpec("lora", k=16), proto=experiments.PROTOCOLS["ci"])
+    assert calls == [(1e-3, 0), (3e-3, 0), (1e-2, 0), (3e-3, 1), (3e-3, 2)]
+    assert [r["spec"]["lr"] for r in runs] == [3e-3] * 3
+    experiments.tuned_runs(Record.open(tmp_path / "r.json", "r", {}), experiments.RunSpec("lora", k=16),
+                           proto=experiments.PROTOCOLS["ci"])
+    assert len(calls) == 5  # all recorded: nothing runs again
+
+
+def test_protocol_steps_and_curve_spacing():
+    ci = experiments.PROTOCOLS["ci"]
+    for k, steps in ci.steps:
+        assert ci.steps_for(k) == steps and steps // ci.eval_every(k) >= ci.evaluations

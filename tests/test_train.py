@@ -62,3 +62,41 @@ def test_perplexity_of_uniform_model_is_vocab_size():
     blocks = torch.randint(0, 50, (5, 9))
     assert perplexity(Uniform(), blocks, batch_size=2, dev=torch.device("cpu")) == pytest.approx(50, rel=1e-5)
     assert not math.isnan(perplexity(Uniform(), blocks[:1], dev=torch.device("cpu")))
+
+
+def lora_bert(tiny_bert):
+    import copy
+    model = copy.deepcopy(tiny_bert)
+    seed_everything(0)
+    return lora.add_lora(model, lora.LoRAConfig(r=4, alpha=8, target_modules=["query", "value"],
+                                                modules_to_save=["classifier"]))
+
+
+def test_learning_curve_does_not_change_training_and_keeps_the_best_point(tiny_bert):
+    from peft_minimal.train import evaluate
+    cpu = torch.device("cpu")
+    data, validation = toy_classification(), toy_classification(n=48, seed=5)
+    plain = train(lora_bert(tiny_bert), data, TrainConfig(steps=30, batch_size=16, lr=2e-2, progress=False), dev=cpu)
+    model = lora_bert(tiny_bert)
+    config = TrainConfig(steps=30, batch_size=16, lr=2e-2, progress=False, eval_every=7)
+    curved = train(model, data, config, dev=cpu, validation=validation)
+    assert curved.losses == plain.losses  # evaluating in between draws no random number
+    assert [p["step"] for p in curved.curve] == [7, 14, 21, 28, 30]
+    best = max(curved.curve, key=lambda p: p["val_accuracy"])
+    assert curved.best_step == best["step"]
+    after = evaluate(model, validation, dev=cpu)
+    assert after.accuracy == best["val_accuracy"] and after.loss == pytest.approx(best["val_loss"], rel=1e-5)
+    assert all(p["train_loss"] > 0 for p in curved.curve)
+
+
+def test_keep_best_after_and_keep_best_off(tiny_bert):
+    cpu = torch.device("cpu")
+    data, validation = toy_classification(), toy_classification(n=48, seed=5)
+    late = train(lora_bert(tiny_bert), data, TrainConfig(steps=20, batch_size=16, lr=2e-2, progress=False, eval_every=5,
+                                                         keep_best_after=15), dev=cpu, validation=validation)
+    assert late.best_step >= 15
+    last = train(lora_bert(tiny_bert), data, TrainConfig(steps=20, batch_size=16, lr=2e-2, progress=False, eval_every=5,
+                                                         keep_best=False), dev=cpu, validation=validation)
+    assert last.best_step == 20
+    with pytest.raises(ValueError, match="validation set"):
+        train(lora_bert(tiny_bert), data, TrainConfig(steps=2, eval_every=1, progress=False), dev=cpu)
