@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-MATHJAX := _static/mathjax/tex-svg.js
+MATHJAX := _extra/_static/mathjax/tex-svg.js
 
 .PHONY: test book install bench clean
 install: $(VENV)/.installed
@@ -21,13 +21,18 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests chapters --nbval-lax --nbval-current-env
 
-# MathJax 3 is served from _static (npm package mathjax@3, Apache-2.0): no CDN, math renders offline.
+# MathJax 3 (npm package mathjax@3, Apache-2.0) ships with the book, so math renders offline:
+# tex-svg.js and what it loads on demand (TeX extensions, menu, accessibility), nothing else.
+# It stays out of _static/ (Jupyter Book would add every .js file there to every page) and
+# reaches _build/html/_static/mathjax through html_extra_path (see _config.yml).
 $(MATHJAX):
-	rm -rf _static/mathjax /tmp/peft-mathjax && mkdir -p _static /tmp/peft-mathjax
+	rm -rf _extra/_static/mathjax /tmp/peft-mathjax && mkdir -p _extra/_static/mathjax /tmp/peft-mathjax
 	cd /tmp/peft-mathjax && npm pack --silent mathjax@3 >/dev/null && tar xzf mathjax-*.tgz
-	cp -r /tmp/peft-mathjax/package/es5 _static/mathjax
+	cd /tmp/peft-mathjax/package/es5 && cp -r --parents tex-svg.js input/tex/extensions ui a11y sre $(CURDIR)/_extra/_static/mathjax/
 
 book: install $(MATHJAX)
+	@# older versions of this Makefile put all of MathJax in _static/: drop it and the build that loaded it
+	@if [ -d _static/mathjax ]; then rm -rf _static/mathjax _build; fi
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
@@ -37,4 +42,4 @@ bench: install
 	$(PY) -m peft_minimal.bench ia3
 
 clean:
-	rm -rf _build $(VENV) _static/mathjax
+	rm -rf _build $(VENV) _extra/_static/mathjax
