@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 MATHJAX := _extra/_static/mathjax/tex-svg.js
 
-.PHONY: test book install bench clean
+.PHONY: test book check-book install bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,14 @@ book: install $(MATHJAX)
 	@if [ -d _static/mathjax ]; then rm -rf _static/mathjax _build; fi
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
+
+# Every built page in headless Chromium (Debian's chromium + chromium-driver, installed here
+# when missing): no console error, no failed request, no broken image, all math as SVG.
+check-book: book
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; fi
+	$(PY) tests/browser/check_book.py _build/html
 
 bench: install
 	$(PY) -m peft_minimal.bench lora
