@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import time
@@ -23,7 +24,7 @@ from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder
 from .record import environment
-from .train import TrainConfig, evaluate_accuracy, seed_everything, train
+from .train import TrainConfig, evaluate_accuracy, seed_everything, train, trainable_state
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -238,10 +239,18 @@ class Protocol:
     def eval_every(self, k: int | None) -> int:
         return max(1, self.steps_for(k) // self.evaluations)
 
+    def fixed(self) -> dict:
+        """What every run of a record shares (run lengths are part of each run's key)."""
+        return {"name": self.name, "max_length": self.max_length,
+                "validation_per_class": self.validation_per_class, "batch_size": self.batch_size}
+
+    def key(self, spec: "RunSpec") -> str:
+        return spec.key() if spec.method == "probe" else f"{spec.key()}|steps={self.steps_for(spec.k)}"
+
 
 PROTOCOLS = {
     "ci": Protocol("ci", max_length=64, validation_per_class=25, batch_size=32,
-                   steps=((16, 160), (64, 320), (None, 1200))),
+                   steps=((16, 200), (64, 400), (None, 1200))),
     "full": Protocol("full", max_length=256, validation_per_class=50, batch_size=32,
                      steps=((16, 300), (64, 600), (None, 3000))),
 }
@@ -306,17 +315,18 @@ def run_probe(spec: RunSpec, proto: Protocol) -> dict:
 
 
 def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = False,
-                 return_model: bool = False):
-    """One run of the protocol: train on K per class (or all) of the pool, a learning curve on
-    validation, keep the best validation point, then read the whole test split once."""
-    from .protocol import few_shot, pack_correct, plateaued
-    from .train import evaluate
+                 return_model: bool = False, read_test: bool = True):
+    """One run of the protocol: train on K per class (or all) of the pool with a learning
+    curve on validation, keep the best validation point, then read the whole test split once.
+    With ``read_test=False`` (a rate-grid run that may lose) the test split is not read; the
+    kept weights go to :func:`state_path` so :func:`finish_on_test` can read it later."""
+    from .protocol import few_shot, plateaued
 
     proto = proto or current_protocol()
     if spec.method == "probe":
         return run_probe(spec, proto)
     steps = proto.steps_for(spec.k)
-    pool, _, test, val_set, test_set = protocol_data(proto.max_length, proto.validation_per_class)
+    pool, _, _, val_set, _ = protocol_data(proto.max_length, proto.validation_per_class)
     model, tokenizer = prepare(spec.method, spec.r, spec.seed, spec.targets, steps, alpha=LORA_ALPHA)
     train_set = tokenize(tokenizer, few_shot(pool, spec.k, spec.seed), proto.max_length)
     config = TrainConfig(steps=steps, batch_size=proto.batch_size, lr=spec.lr, seed=spec.seed,
@@ -331,40 +341,103 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
         config = replace(config, keep_best_after=steps - model.peft_config.tfinal)
     result = train(model, train_set, config, extra_loss=extra_loss, after_step=hook, validation=val_set)
     kept = next(point for point in result.curve if point["step"] == result.best_step)
-    scores = evaluate(model, test_set)
     trainable, total = count_parameters(model)
     record = {"spec": asdict(spec), "steps": steps, "train_config": asdict(config), "curve": result.curve,
               "best_step": result.best_step, "val_accuracy": kept["val_accuracy"], "val_loss": kept["val_loss"],
-              "plateaued": plateaued(result.curve), "test_accuracy": scores.accuracy, "test_loss": scores.loss,
-              "test_correct": pack_correct(scores.predictions, test.labels), "trainable": trainable,
-              "total": total, "train_seconds": result.seconds, "train_examples": len(train_set)}
+              "plateaued": plateaued(result.curve), "trainable": trainable, "total": total,
+              "train_seconds": result.seconds, "train_examples": len(train_set)}
     if spec.method == "adalora":
         record["ranks"] = adalora.ranks(model)
         record["final_adapter_parameters"] = adalora.kept_parameters(model)
+    if read_test:
+        record.update(score_on_test(model, proto))
+    else:
+        path = state_path(proto.key(spec))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(trainable_state(model), path)
     return (record, model) if return_model else record
 
 
+def score_on_test(model, proto: Protocol) -> dict:
+    """Accuracy and loss on the whole test split, and which messages were right (packed)."""
+    from .protocol import pack_correct
+    from .train import evaluate
+
+    _, _, test, _, test_set = protocol_data(proto.max_length, proto.validation_per_class)
+    scores = evaluate(model, test_set)
+    return {"test_accuracy": scores.accuracy, "test_loss": scores.loss,
+            "test_correct": pack_correct(scores.predictions, test.labels)}
+
+
+def state_path(key: str) -> Path:
+    """Where a run that has not read the test split keeps its weights (outside git)."""
+    from .protocol import CACHE
+
+    return CACHE / "states" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+
+def finish_on_test(record, key: str, proto: Protocol) -> dict:
+    """Read the test split for the recorded run ``key`` (a rate-grid winner), from its kept
+    weights, or by training it again when they are gone; a re-run whose learning curve differs
+    from the recorded one (another machine) replaces it, so every number has its run."""
+    run = record[key]
+    if "test_accuracy" in run:
+        return run
+    spec = RunSpec(**{**run["spec"], "targets": tuple(run["spec"]["targets"])})
+    path = state_path(key)
+    if path.is_file():
+        model, _ = prepare(spec.method, spec.r, spec.seed, spec.targets, run["steps"], alpha=LORA_ALPHA)
+        model.load_state_dict(torch.load(path), strict=False)
+        fields = score_on_test(model.to(device()), proto)
+    else:
+        again, model = run_protocol(spec, proto, progress=True, return_model=True)
+        fields = again if again["curve"] != run["curve"] else score_on_test(model, proto)
+    return record.update(key, fields)
+
+
 def tuned_runs(record, spec: RunSpec, seeds=(0, 1, 2), proto: Protocol | None = None) -> list[dict]:
-    """Runs of ``spec`` at its method's best rate: the rate grid on seed 0, chosen on
-    validation (``protocol.best_learning_rate``), then the other seeds at that rate."""
+    """Runs of ``spec`` at its method's best rate (:func:`tuned_lr`): the winner of the rate
+    grid is read on test, and the other seeds run at that rate."""
+    proto = proto or current_protocol()
+    if spec.method == "probe":
+        return [record.run(proto.key(s), lambda s=s: run_protocol(s, proto)) for s in
+                (replace(spec, seed=seed) for seed in seeds)]
+    lr = tuned_lr(record, spec, seeds[0], proto)
+    runs = [finish_on_test(record, proto.key(replace(spec, lr=lr, seed=seeds[0])), proto)]
+    for seed in seeds[1:]:
+        s = replace(spec, lr=lr, seed=seed)
+        runs.append(record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True)))
+    return runs
+
+
+def tuned_lr(record, spec: RunSpec, seed: int = 0, proto: Protocol | None = None) -> float:
+    """The method's rate grid on one seed without reading the test split (recorded, so each
+    grid point runs once), and the rate with the best validation accuracy."""
     from .protocol import best_learning_rate
 
     proto = proto or current_protocol()
-    run = lambda s: record.run(s.key(), lambda: run_protocol(s, proto, progress=True))  # noqa: E731
-    if spec.method == "probe":
-        return [run(replace(spec, seed=seed)) for seed in seeds]
-    grid = [run(replace(spec, lr=lr, seed=seeds[0])) for lr in LR_GRIDS[spec.method]]
-    lr = best_learning_rate([{"lr": g["spec"]["lr"], "val_accuracy": g["val_accuracy"], "val_loss": g["val_loss"]}
-                             for g in grid])
-    return [run(replace(spec, lr=lr, seed=seed)) for seed in seeds]
+    grid = [replace(spec, lr=lr, seed=seed) for lr in LR_GRIDS[spec.method]]
+    for s in grid:
+        record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True, read_test=False))
+    return best_learning_rate([{"lr": s.lr, **{m: record[proto.key(s)][m] for m in ("val_accuracy", "val_loss")}}
+                               for s in grid])
 
 
 def protocol_grid(proto: Protocol, record) -> None:
-    """The main grid of chapters 2-4, in the order the chapters need it; resumable."""
+    """The main grid of chapters 2-4, in the order the chapters need it; resumable.
+
+    For K = 64 then 16 per class: the probe, LoRA r = 8 (q, v), full fine-tuning, the [CLS]
+    head and (IA)³, each at its tuned rate over 3 seeds; then LoRA's rank sweep at LoRA r = 8's
+    rate with alpha fixed (only the rank varies)."""
     for k in (64, 16):
-        for spec in (RunSpec("probe", k=k), RunSpec("full", k=k), RunSpec("lora", k=k, r=8),
+        for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("full", k=k),
                      RunSpec("head", k=k), RunSpec("ia3", k=k)):
             tuned_runs(record, spec, proto=proto)
+        lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
+        for r in (1, 2, 4, 16):
+            for seed in (0, 1, 2):
+                s = RunSpec("lora", lr=lr, seed=seed, k=k, r=r)
+                record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True))
 
 
 GRIDS = {"ia3_learning_rate": ia3_learning_rate, "lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora}
@@ -388,7 +461,7 @@ def open_record(name: str, proto: Protocol):
     """The resumable record ``results/NAME-<scale>.json`` of a protocol grid."""
     from .record import Record
 
-    return Record.open(record_path(name, proto.name), name=name, scale=asdict(proto))
+    return Record.open(record_path(name, proto.name), name=name, scale=proto.fixed())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,6 +75,12 @@ class Record:
             self.save()
         return self[key]
 
+    def update(self, key: str, fields: dict) -> dict:
+        """Add ``fields`` to the recorded run ``key`` (e.g. its test scores, read later) and save."""
+        self.data["runs"][key].update(fields)
+        self.save()
+        return self[key]
+
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")

@@ -85,25 +85,60 @@ def test_run_keys_name_every_setting_that_matters():
                 experiments.RunSpec("lora", lr=3e-3, k=64, r=8).key(), experiments.RunSpec("lora", lr=1e-3, k=16).key(),
                 experiments.RunSpec("lora", lr=1e-3, k=64, seed=1).key()}) == 5
     assert experiments.RunSpec("probe", k=16).key() == "probe|k=16|seed=0"
+    ci = experiments.PROTOCOLS["ci"]
+    assert ci.key(spec) == spec.key() + f"|steps={ci.steps_for(64)}" and ci.key(experiments.RunSpec("probe")) == "probe|k=all|seed=0"
 
 
-def test_tuned_runs_pick_the_rate_on_validation_then_add_seeds(tmp_path, monkeypatch):
+def test_tuned_runs_pick_the_rate_on_validation_then_add_seeds(tmp_path, monkeypatch, tiny_bert):
+    import torch
+    from peft_minimal import protocol
     from peft_minimal.record import Record
-    calls = []
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    calls, tested = [], []
 
-    def fake_run(spec, proto, progress=False):
-        calls.append((spec.lr, spec.seed))
-        return {"spec": {"lr": spec.lr}, "val_accuracy": {1e-3: 0.4, 3e-3: 0.6, 1e-2: 0.5}[spec.lr],
-                "val_loss": 1.0, "test_accuracy": 0.0}
+    def fake_run(spec, proto, progress=False, read_test=True, return_model=False):
+        calls.append((spec.lr, spec.seed, read_test))
+        run = {"spec": experiments.asdict(spec), "steps": 10, "curve": [],
+               "val_accuracy": {1e-3: 0.4, 3e-3: 0.6, 1e-2: 0.5}[spec.lr], "val_loss": 1.0}
+        if read_test:
+            run["test_accuracy"] = 0.5
+        else:
+            path = experiments.state_path(proto.key(spec))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({}, path)
+        return run
 
     monkeypatch.setattr(experiments, "run_protocol", fake_run)
+    monkeypatch.setattr(experiments, "prepare", lambda *a, **k: (tiny_bert, None))
+    monkeypatch.setattr(experiments, "score_on_test", lambda model, proto: tested.append(1) or {"test_accuracy": 0.7})
     record = Record.open(tmp_path / "r.json", "r", {})
     runs = experiments.tuned_runs(record, experiments.RunSpec("lora", k=16), proto=experiments.PROTOCOLS["ci"])
-    assert calls == [(1e-3, 0), (3e-3, 0), (1e-2, 0), (3e-3, 1), (3e-3, 2)]
+    # the grid never reads the test split; only the winner does, from its kept weights
+    assert calls == [(1e-3, 0, False), (3e-3, 0, False), (1e-2, 0, False), (3e-3, 1, True), (3e-3, 2, True)]
+    assert tested == [1] and [r["test_accuracy"] for r in runs] == [0.7, 0.5, 0.5]
     assert [r["spec"]["lr"] for r in runs] == [3e-3] * 3
+    assert "test_accuracy" not in record[experiments.PROTOCOLS["ci"].key(experiments.RunSpec("lora", k=16, lr=1e-3))]
     experiments.tuned_runs(Record.open(tmp_path / "r.json", "r", {}), experiments.RunSpec("lora", k=16),
                            proto=experiments.PROTOCOLS["ci"])
-    assert len(calls) == 5  # all recorded: nothing runs again
+    assert len(calls) == 5 and tested == [1]  # all recorded: nothing runs again
+
+
+def test_a_winner_without_kept_weights_is_trained_again(tmp_path, monkeypatch, tiny_bert):
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    spec = experiments.RunSpec("lora", k=16, lr=3e-3)
+    record = Record.open(tmp_path / "r.json", "r", {})
+    record.run(spec.key(), lambda: {"spec": experiments.asdict(spec), "steps": 10, "curve": [{"val_accuracy": 0.6}]})
+    monkeypatch.setattr(experiments, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
+    monkeypatch.setattr(experiments, "run_protocol", lambda s, p, progress, return_model: (
+        {"curve": [{"val_accuracy": 0.6}], "test_accuracy": 0.1}, tiny_bert))
+    assert experiments.finish_on_test(record, spec.key(), None)["test_accuracy"] == 0.7  # same curve: same run
+    record.data["runs"][spec.key()].pop("test_accuracy")
+    monkeypatch.setattr(experiments, "run_protocol", lambda s, p, progress, return_model: (
+        {"curve": [{"val_accuracy": 0.5}], "test_accuracy": 0.1}, tiny_bert))
+    rerun = experiments.finish_on_test(record, spec.key(), None)  # another machine: the new run replaces it
+    assert rerun["test_accuracy"] == 0.1 and rerun["curve"] == [{"val_accuracy": 0.5}]
 
 
 def test_protocol_steps_and_curve_spacing():
