@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 MATHJAX := _extra/_static/mathjax/tex-svg.js
 
-.PHONY: test book check-book install bench clean
+.PHONY: test book check-book refresh install bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,16 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests chapters --nbval-lax --nbval-current-env
+
+# Re-run every chapter in place and store its outputs (PEFT_SCALE=ci, as CI checks them);
+# the first cell records the fingerprint of the peft_minimal source it ran with, and
+# tests/test_fingerprint.py fails while a chapter's stored outputs come from older code.
+refresh: install
+	for nb in chapters/*.ipynb; do \
+	  echo "refresh $$nb"; \
+	  PEFT_SCALE=ci $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+	done
 
 # MathJax 3 (npm package mathjax@3, Apache-2.0) ships with the book, so math renders offline:
 # tex-svg.js and what it loads on demand (TeX extensions, menu, accessibility), nothing else.
