@@ -315,11 +315,13 @@ def run_probe(spec: RunSpec, proto: Protocol) -> dict:
 
 
 def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = False,
-                 return_model: bool = False, read_test: bool = True):
+                 return_model: bool = False, read_test: bool = True, stop_at: int | None = None):
     """One run of the protocol: train on K per class (or all) of the pool with a learning
     curve on validation, keep the best validation point, then read the whole test split once.
     With ``read_test=False`` (a rate-grid run that may lose) the test split is not read; the
-    kept weights go to :func:`state_path` so :func:`finish_on_test` can read it later."""
+    kept weights go to :func:`state_path` so :func:`finish_on_test` can read it later.
+    ``stop_at`` ends the run early on its full schedule, without test: a cheap live re-check of
+    the first points of a recorded learning curve."""
     from .protocol import few_shot, plateaued
 
     proto = proto or current_protocol()
@@ -330,7 +332,8 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
     model, tokenizer = prepare(spec.method, spec.r, spec.seed, spec.targets, steps, alpha=LORA_ALPHA)
     train_set = tokenize(tokenizer, few_shot(pool, spec.k, spec.seed), proto.max_length)
     config = TrainConfig(steps=steps, batch_size=proto.batch_size, lr=spec.lr, seed=spec.seed,
-                         bf16=torch.cuda.is_available(), progress=progress, eval_every=proto.eval_every(spec.k))
+                         bf16=torch.cuda.is_available(), progress=progress, eval_every=proto.eval_every(spec.k),
+                         stop_at=stop_at)
     extra_loss, hook = None, None
     if spec.method == "adalora":
         allocator = adalora.RankAllocator(model, model.peft_config)
@@ -349,6 +352,8 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
     if spec.method == "adalora":
         record["ranks"] = adalora.ranks(model)
         record["final_adapter_parameters"] = adalora.kept_parameters(model)
+    if stop_at is not None:  # a partial replay: neither the test split nor kept weights
+        return (record, model) if return_model else record
     if read_test:
         record.update(score_on_test(model, proto))
     else:

@@ -49,6 +49,7 @@ class TrainConfig:
     eval_every: int = 0      # validation every N steps (0: never); needs a validation set
     keep_best: bool = True   # end with the weights of the best validation accuracy
     keep_best_after: int = 0  # only points from this step on may be kept (AdaLoRA: budget final)
+    stop_at: int | None = None  # stop early with the schedule of ``steps`` (re-checks a record's curve)
 
 
 @dataclass
@@ -122,8 +123,9 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     since_eval: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(total=config.steps, disable=not config.progress, mininterval=2.0, desc="train")
-    while result.steps < config.steps:
+    last = min(config.stop_at or config.steps, config.steps)
+    bar = tqdm(total=last, disable=not config.progress, mininterval=2.0, desc="train")
+    while result.steps < last:
         for batch in loader:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**model_inputs(batch, dev)).loss
@@ -151,7 +153,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
                 if eligible and (best is None or scores.accuracy > best[0]):  # ties keep the earlier point
                     best = (scores.accuracy, trainable_state(model))
                     result.best_step = result.steps
-            if result.steps >= config.steps:
+            if result.steps >= last:
                 break
     bar.close()
     result.seconds = time.perf_counter() - start

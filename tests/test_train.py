@@ -100,3 +100,13 @@ def test_keep_best_after_and_keep_best_off(tiny_bert):
     assert last.best_step == 20
     with pytest.raises(ValueError, match="validation set"):
         train(lora_bert(tiny_bert), data, TrainConfig(steps=2, eval_every=1, progress=False), dev=cpu)
+
+
+def test_stop_at_replays_the_start_of_a_longer_run(tiny_bert):
+    cpu = torch.device("cpu")
+    data, validation = toy_classification(), toy_classification(n=48, seed=5)
+    config = TrainConfig(steps=20, batch_size=16, lr=2e-2, progress=False, eval_every=5)
+    whole = train(lora_bert(tiny_bert), data, config, dev=cpu, validation=validation)
+    start = train(lora_bert(tiny_bert), data, TrainConfig(**{**config.__dict__, "stop_at": 10}), dev=cpu,
+                  validation=validation)
+    assert start.steps == 10 and start.losses == whole.losses[:10] and start.curve == whole.curve[:2]

@@ -1,0 +1,85 @@
+"""Reading a protocol record: final runs per configuration, tables, paired verdicts, curves.
+
+The chapters draw every table and chart of the protocol grid through these few functions,
+so the selection rule is written once: a configuration's *final* runs are its runs that read
+the test split (the rate-grid winner and the other seeds at its rate); rate-grid losers only
+appear in :func:`rate_grid`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .protocol import Interval, mean_std, paired_interval, plateaued, unpack_correct
+
+
+def matches(run: dict, selector: dict) -> bool:
+    """True if the run's spec has every ``selector`` value (``targets`` compared as lists)."""
+    spec = run["spec"]
+    return all(list(spec[k]) == list(v) if k == "targets" else spec[k] == v for k, v in selector.items())
+
+
+def final_runs(record: dict, **selector) -> list[dict]:
+    """The runs of one configuration that were read on test, ordered by seed.
+
+    Raises if they disagree on the rate (one configuration has one tuned rate) or if none exist."""
+    runs = sorted((r for r in record["runs"].values() if matches(r, selector) and "test_accuracy" in r),
+                  key=lambda r: r["spec"]["seed"])
+    if not runs:
+        raise LookupError(f"no finished run matches {selector}; is the grid still running?")
+    rates = {r["spec"]["lr"] for r in runs}
+    if len(rates) > 1:
+        raise ValueError(f"{selector} has final runs at several rates {sorted(rates)}; narrow it with lr=")
+    return runs
+
+
+def rate_grid(record: dict, **selector) -> list[tuple[float, float]]:
+    """``(lr, validation accuracy)`` of a configuration's rate grid (seed 0), by rate."""
+    runs = [r for r in record["runs"].values() if matches(r, {**selector, "seed": 0})]
+    return sorted({(r["spec"]["lr"], r["val_accuracy"]) for r in runs})
+
+
+def accuracies(runs: Sequence[dict]) -> list[float]:
+    return [r["test_accuracy"] for r in runs]
+
+
+def summary(name: str, runs: Sequence[dict]) -> dict:
+    """One table row: trainable parameters, rate, test accuracy mean ± std over seeds, and
+    whether every learning curve had flattened."""
+    mean, std = mean_std(accuracies(runs))
+    return {"name": name, "trainable": runs[0]["trainable"], "lr": runs[0]["spec"].get("lr"),
+            "seeds": len(runs), "mean": mean, "std": std,
+            "plateaued": all(plateaued(r["curve"]) for r in runs if "curve" in r)}
+
+
+def paired(runs_a: Sequence[dict], runs_b: Sequence[dict]) -> Interval:
+    """Paired-by-seed 95% interval of accuracy(a) - accuracy(b), over the seeds both have."""
+    a = {r["spec"]["seed"]: r["test_accuracy"] for r in runs_a}
+    b = {r["spec"]["seed"]: r["test_accuracy"] for r in runs_b}
+    seeds = sorted(a.keys() & b.keys())
+    return paired_interval([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def correct_matrix(runs: Sequence[dict], n: int) -> np.ndarray:
+    """seeds x ``n`` test messages, 1 where a run got the message right (for a bootstrap)."""
+    return np.stack([unpack_correct(r["test_correct"], n) for r in runs])
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Rows of :func:`summary` as a Markdown table (rendered by the book via ``IPython.display``)."""
+    lines = ["| configuration | trainable | rate | test accuracy (mean ± std) | seeds | plateaued |",
+             "|---|---:|---:|---:|---:|:---:|"]
+    for row in rows:
+        rate = f"{row['lr']:g}" if row["lr"] else "—"
+        lines.append(f"| {row['name']} | {row['trainable']:,} | {rate} | {row['mean']:.3f} ± {row['std']:.3f} "
+                     f"| {row['seeds']} | {'yes' if row['plateaued'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot_curves(ax, runs: Sequence[dict], label: str, color=None) -> None:
+    """Validation accuracy against step: the mean over seeds, and a band from min to max."""
+    steps = [p["step"] for p in runs[0]["curve"]]
+    values = np.array([[p["val_accuracy"] for p in r["curve"]] for r in runs])
+    line, = ax.plot(steps, values.mean(0), marker="o", ms=3, label=f"{label} ({len(runs)} seeds)", color=color)
+    ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
