@@ -202,7 +202,7 @@ def mean_pooled_features(encoder: torch.nn.Module, tokenizer, texts: Sequence[st
     return features
 
 
-PROBE_C = (0.01, 0.1, 1.0, 10.0, 100.0)
+PROBE_C = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 10.0)
 
 
 def linear_probe(train_x: np.ndarray, train_y: Sequence[int], val_x: np.ndarray, val_y: Sequence[int],
