@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine with Python 3.11 and pip:
 #   make test   -> unit tests + every chapter notebook executed by nbval
 #   make book   -> the HTML book (Jupyter Book 1, offline, warnings are errors)
+# and: make check-book (every page in headless Chromium), make refresh (re-run the chapters)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
