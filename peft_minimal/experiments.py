@@ -415,28 +415,37 @@ def tuned_runs(record, spec: RunSpec, seeds=(0, 1, 2), proto: Protocol | None = 
     return runs
 
 
-def tuned_lr(record, spec: RunSpec, seed: int = 0, proto: Protocol | None = None) -> float:
+def tuned_lr(record, spec: RunSpec, seed: int = 0, proto: Protocol | None = None,
+             max_extensions: int = 2) -> float:
     """The method's rate grid on one seed without reading the test split (recorded, so each
-    grid point runs once), and the rate with the best validation accuracy."""
+    grid point runs once), and the rate with the best validation accuracy. A best rate on the
+    grid's edge is no optimum: the grid grows by the same factor beyond that edge, at most
+    ``max_extensions`` times."""
     from .protocol import best_learning_rate
 
     proto = proto or current_protocol()
-    grid = [replace(spec, lr=lr, seed=seed) for lr in LR_GRIDS[spec.method]]
-    for s in grid:
-        record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True, read_test=False))
-    return best_learning_rate([{"lr": s.lr, **{m: record[proto.key(s)][m] for m in ("val_accuracy", "val_loss")}}
-                               for s in grid])
+    rates = list(LR_GRIDS[spec.method])
+    while True:
+        grid = [replace(spec, lr=lr, seed=seed) for lr in rates]
+        for s in grid:
+            record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True, read_test=False))
+        best = best_learning_rate([{"lr": s.lr, **{m: record[proto.key(s)][m] for m in ("val_accuracy", "val_loss")}}
+                                   for s in grid])
+        if best not in (rates[0], rates[-1]) or len(rates) - len(LR_GRIDS[spec.method]) >= max_extensions:
+            return best
+        step = rates[1] / rates[0] if best == rates[0] else rates[-1] / rates[-2]
+        rates = [float(f"{best / step:.3g}")] + rates if best == rates[0] else rates + [float(f"{best * step:.3g}")]
 
 
 def protocol_grid(proto: Protocol, record) -> None:
     """The main grid of chapters 2-4, in the order the chapters need it; resumable.
 
-    For K = 64 then 16 per class: the probe, LoRA r = 8 (q, v), full fine-tuning, the [CLS]
-    head and (IA)³, each at its tuned rate over 3 seeds; then LoRA's rank sweep at LoRA r = 8's
+    For K = 64 then 16 per class: the probe, LoRA r = 8 (q, v), the [CLS] head, full
+    fine-tuning and (IA)³, each at its tuned rate over 3 seeds; then LoRA's rank sweep at LoRA r = 8's
     rate with alpha fixed (only the rank varies)."""
     for k in (64, 16):
-        for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("full", k=k),
-                     RunSpec("head", k=k), RunSpec("ia3", k=k)):
+        for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k),
+                     RunSpec("full", k=k), RunSpec("ia3", k=k)):
             tuned_runs(record, spec, proto=proto)
         lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
         for r in (1, 2, 4, 16):

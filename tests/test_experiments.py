@@ -145,3 +145,23 @@ def test_protocol_steps_and_curve_spacing():
     ci = experiments.PROTOCOLS["ci"]
     for k, steps in ci.steps:
         assert ci.steps_for(k) == steps and steps // ci.eval_every(k) >= ci.evaluations
+
+
+def test_a_best_rate_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
+    from peft_minimal.record import Record
+    seen = []
+
+    def fake_run(spec, proto, progress=False, read_test=True):
+        seen.append(spec.lr)  # validation accuracy keeps rising with the rate up to 0.1
+        return {"spec": experiments.asdict(spec), "val_accuracy": min(spec.lr, 0.1), "val_loss": 1.0}
+
+    monkeypatch.setattr(experiments, "run_protocol", fake_run)
+    record = Record.open(tmp_path / "r.json", "r", {})
+    lr = experiments.tuned_lr(record, experiments.RunSpec("lora", k=16), proto=experiments.PROTOCOLS["ci"])
+    assert seen == [1e-3, 3e-3, 1e-2, 0.0333, 0.111] and lr == 0.111  # two extensions, then it stops
+    seen.clear()
+    monkeypatch.setattr(experiments, "run_protocol", lambda spec, proto, progress=False, read_test=True: seen.append(
+        spec.lr) or {"spec": experiments.asdict(spec), "val_accuracy": 0.5 if spec.lr == 3e-3 else 0.4, "val_loss": 1.0})
+    record = Record.open(tmp_path / "q.json", "q", {})
+    assert experiments.tuned_lr(record, experiments.RunSpec("lora", k=16), proto=experiments.PROTOCOLS["ci"]) == 3e-3
+    assert seen == [1e-3, 3e-3, 1e-2]  # an inner optimum: no extension
