@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import adalora, ia3, lora, svd
+from . import adalora, fewshot, ia3, lora, svd
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder
@@ -454,7 +454,8 @@ def protocol_grid(proto: Protocol, record) -> None:
                 record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True))
 
 
-GRIDS = {"ia3_learning_rate": ia3_learning_rate, "lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora}
+GRIDS = {"ia3_learning_rate": ia3_learning_rate, "lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora,
+         "ia3_vs_icl": fewshot.ia3_vs_icl}
 
 
 def record_path(name: str, scale: str) -> Path:
