@@ -80,10 +80,12 @@ def adalora_config(target_r: int, steps: int, targets: tuple[str, ...] = ALL_SIX
 
 
 def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("query", "value"),
-            steps: int = 100, alpha: float | None = None):
+            steps: int = 100, alpha: float | None = None, variant: str = ""):
     """MiniLM with a seeded head and the method applied: ``head``, ``lora``, ``adalora``
     (``r`` is the target rank; the schedule needs the run's ``steps``), ``ia3`` or ``full``.
-    LoRA's ``alpha`` defaults to ``2 r``; a rank sweep that varies only the rank fixes it."""
+    LoRA's ``alpha`` defaults to ``2 r``; a rank sweep that varies only the rank fixes it.
+    AdaLoRA's ablations (``variant``): ``no-penalty`` drops the orthogonality term,
+    ``no-pruning`` trains P Λ Q at rank ``r`` from the start (no allocator will run)."""
     model, tokenizer = load_encoder(num_labels=20, seed=seed)
     if method == "head":
         for name, p in model.named_parameters():
@@ -96,7 +98,14 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
         ia3.add_ia3(model, ia3.IA3Config.for_model(model, modules_to_save=["classifier"]))
     elif method == "adalora":
         seed_everything(seed)  # P and Q's normal draws
-        adalora.add_adalora(model, adalora_config(r, steps, targets))
+        config = adalora_config(r, steps, targets)
+        if variant == "no-penalty":
+            config = replace(config, orth_reg_weight=0.0)
+        elif variant == "no-pruning":  # rank r throughout; target_r is then never used
+            config = replace(config, init_r=r, target_r=r - 1, alpha=2 * r)
+        elif variant:
+            raise ValueError(f"AdaLoRA variant must be '', 'no-penalty' or 'no-pruning', got {variant!r}")
+        adalora.add_adalora(model, config)
     elif method != "full":
         raise ValueError(f"method must be head, lora, adalora, ia3 or full, got {method!r}")
     return model, tokenizer
@@ -271,11 +280,14 @@ class RunSpec:
     k: int | None = None
     r: int = 8
     targets: tuple[str, ...] = ("query", "value")
+    variant: str = ""  # AdaLoRA ablations: "no-penalty", "no-pruning"
 
     def key(self) -> str:
         parts = [self.method, f"k={self.k or 'all'}", f"seed={self.seed}"]
         if self.method in ("lora", "adalora"):
             parts += [f"r={self.r}", "t=" + ",".join(self.targets)]
+        if self.variant:
+            parts.append(f"v={self.variant}")
         if self.method != "probe":
             parts.append(f"lr={self.lr:g}")
         return "|".join(parts)
@@ -329,19 +341,20 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
         return run_probe(spec, proto)
     steps = proto.steps_for(spec.k)
     pool, _, _, val_set, _ = protocol_data(proto.max_length, proto.validation_per_class)
-    model, tokenizer = prepare(spec.method, spec.r, spec.seed, spec.targets, steps, alpha=LORA_ALPHA)
+    model, tokenizer = prepare(spec.method, spec.r, spec.seed, spec.targets, steps, LORA_ALPHA, spec.variant)
     train_set = tokenize(tokenizer, few_shot(pool, spec.k, spec.seed), proto.max_length)
     config = TrainConfig(steps=steps, batch_size=proto.batch_size, lr=spec.lr, seed=spec.seed,
                          bf16=torch.cuda.is_available(), progress=progress, eval_every=proto.eval_every(spec.k),
                          stop_at=stop_at)
     extra_loss, hook = None, None
     if spec.method == "adalora":
-        allocator = adalora.RankAllocator(model, model.peft_config)
         weight = model.peft_config.orth_reg_weight
-        extra_loss = lambda m: weight * adalora.orthogonal_regularization(m)  # noqa: E731
-        hook = allocator.update_and_allocate
-        # only points with the final budget may be kept, or a run could end above its budget
-        config = replace(config, keep_best_after=steps - model.peft_config.tfinal)
+        if weight > 0:
+            extra_loss = lambda m: weight * adalora.orthogonal_regularization(m)  # noqa: E731
+        if spec.variant != "no-pruning":
+            hook = adalora.RankAllocator(model, model.peft_config).update_and_allocate
+            # only points with the final budget may be kept, or a run could end above its budget
+            config = replace(config, keep_best_after=steps - model.peft_config.tfinal)
     result = train(model, train_set, config, extra_loss=extra_loss, after_step=hook, validation=val_set)
     kept = next(point for point in result.curve if point["step"] == result.best_step)
     trainable, total = count_parameters(model)
@@ -391,7 +404,7 @@ def finish_on_test(record, key: str, proto: Protocol) -> dict:
     spec = RunSpec(**{**run["spec"], "targets": tuple(run["spec"]["targets"])})
     path = state_path(key)
     if path.is_file():
-        model, _ = prepare(spec.method, spec.r, spec.seed, spec.targets, run["steps"], alpha=LORA_ALPHA)
+        model, _ = prepare(spec.method, spec.r, spec.seed, spec.targets, run["steps"], LORA_ALPHA, spec.variant)
         model.load_state_dict(torch.load(path), strict=False)
         fields = score_on_test(model.to(device()), proto)
     else:
@@ -440,18 +453,35 @@ def tuned_lr(record, spec: RunSpec, seed: int = 0, proto: Protocol | None = None
 def protocol_grid(proto: Protocol, record) -> None:
     """The main grid of chapters 2-4, in the order the chapters need it; resumable.
 
-    For K = 64 then 16 per class: the probe, LoRA r = 8 (q, v), the [CLS] head, full
-    fine-tuning and (IA)³, each at its tuned rate over 3 seeds; then LoRA's rank sweep at LoRA r = 8's
-    rate with alpha fixed (only the rank varies)."""
-    for k in (64, 16):
+    1. K = 64 per class: the probe, LoRA r = 8 (q, v), the [CLS] head, full fine-tuning and
+       (IA)³, each at its tuned rate over 3 seeds; LoRA's rank sweep (r = 1, 2, 4, 16) at
+       LoRA r = 8's rate with alpha fixed, so only the rank varies.
+    2. AdaLoRA against LoRA on all six matrix types at final budgets of average rank 2 and 8
+       (the paper's Table 1 in miniature), each at its own tuned rate; at budget 2, AdaLoRA
+       without its orthogonality penalty and without pruning (the SVD form alone), at
+       AdaLoRA's rate.
+    3. The same as 1 at K = 16 per class."""
+    def seeds_at(spec: RunSpec, lr: float) -> None:
+        for seed in (0, 1, 2):
+            s = replace(spec, lr=lr, seed=seed)
+            record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True))
+
+    def block(k: int) -> None:
         for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k),
                      RunSpec("full", k=k), RunSpec("ia3", k=k)):
             tuned_runs(record, spec, proto=proto)
         lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
         for r in (1, 2, 4, 16):
-            for seed in (0, 1, 2):
-                s = RunSpec("lora", lr=lr, seed=seed, k=k, r=r)
-                record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True))
+            seeds_at(RunSpec("lora", k=k, r=r), lr)
+
+    block(64)
+    for budget in (2, 8):
+        for method in ("lora", "adalora"):
+            tuned_runs(record, RunSpec(method, k=64, r=budget, targets=ALL_SIX), proto=proto)
+    lr = tuned_lr(record, RunSpec("adalora", k=64, r=2, targets=ALL_SIX), proto=proto)
+    for variant in ("no-penalty", "no-pruning"):
+        seeds_at(RunSpec("adalora", k=64, r=2, targets=ALL_SIX, variant=variant), lr)
+    block(16)
 
 
 GRIDS = {"ia3_learning_rate": ia3_learning_rate, "lora_rank_sweep": lora_rank_sweep, "update_rank": update_rank_grid, "adalora_vs_lora": adalora_vs_lora,

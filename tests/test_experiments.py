@@ -165,3 +165,16 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
     record = Record.open(tmp_path / "q.json", "q", {})
     assert experiments.tuned_lr(record, experiments.RunSpec("lora", k=16), proto=experiments.PROTOCOLS["ci"]) == 3e-3
     assert seen == [1e-3, 3e-3, 1e-2]  # an inner optimum: no extension
+
+
+def test_adalora_ablations():
+    spec = experiments.RunSpec("adalora", lr=1e-3, k=64, r=2, targets=experiments.ALL_SIX, variant="no-pruning")
+    assert spec.key().endswith("|v=no-pruning|lr=0.001")
+    plain, _ = experiments.prepare("adalora", r=2, targets=experiments.ALL_SIX, steps=80)
+    flat, _ = experiments.prepare("adalora", r=2, targets=experiments.ALL_SIX, steps=80, variant="no-pruning")
+    free, _ = experiments.prepare("adalora", r=2, targets=experiments.ALL_SIX, steps=80, variant="no-penalty")
+    assert plain.peft_config.init_r == 3 and flat.peft_config.init_r == 2  # the final budget from the start
+    assert flat.bert.encoder.layer[0].attention.self.query.scaling == plain.bert.encoder.layer[0].attention.self.query.scaling
+    assert free.peft_config.orth_reg_weight == 0.0 < plain.peft_config.orth_reg_weight
+    with pytest.raises(ValueError, match="variant"):
+        experiments.prepare("adalora", r=2, steps=80, variant="no-such")
