@@ -19,6 +19,7 @@ values are reused for every query; the scores equal those of the whole prompt (a
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -86,9 +87,15 @@ def label_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labe
     of ``ids`` (after a cached prefix ``past``, if given): shape ``(rows, labels)``. Only the
     needed rows of the output layer are computed."""
     full_mask = mask if past is None else torch.cat([mask.new_ones(len(ids), past.get_seq_length()), mask], 1)
-    hidden = model.model(input_ids=ids, attention_mask=full_mask, past_key_values=past, use_cache=past is not None).last_hidden_state
+    hidden = model.model(input_ids=ids, attention_mask=full_mask, use_cache=past is not None,
+                         **{_cache_argument(model): past}).last_hidden_state
     last = hidden[torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
     return model.lm_head(last).float().log_softmax(-1)[:, label_ids]
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """``cache`` (transformers 5.x) or ``past_key_values`` (before it was renamed)."""
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
 
 
 def _pad(rows: list[list[int]], pad_id: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +114,8 @@ def score(model: nn.Module, prefix_ids: list[int], query_ids: list[list[int]], l
     model.eval()
     past = None
     if prefix_ids:
-        past = model.model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True).past_key_values
+        out = model.model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True)
+        past = getattr(out, "cache", None) or out.past_key_values
     out = []
     for i in range(0, len(query_ids), batch_size):
         ids, mask = _pad(query_ids[i: i + batch_size], pad_id, dev)
