@@ -214,7 +214,7 @@ def update_rank_grid(scale: Scale) -> list[dict]:
 
 def adalora_vs_lora(scale: Scale) -> list[dict]:
     """AdaLoRA against LoRA on all six matrix types at two final budgets (average rank 2 and 8,
-    as the paper's Table 1), three seeds each."""
+    as the paper's GLUE table), three seeds each."""
     return [run_classification(method, r=budget, seed=seed, scale=scale, targets=ALL_SIX, progress=True)
             for budget in (2, 8) for seed in (0, 1, 2) for method in ("lora", "adalora")]
 
@@ -457,7 +457,7 @@ def protocol_grid(proto: Protocol, record) -> None:
        (IA)³, each at its tuned rate over 3 seeds; LoRA's rank sweep (r = 1, 2, 4, 16) at
        LoRA r = 8's rate with alpha fixed, so only the rank varies.
     2. AdaLoRA against LoRA on all six matrix types at final budgets of average rank 2 and 8
-       (the paper's Table 1 in miniature), each at its own tuned rate; at budget 2, AdaLoRA
+       (the paper's GLUE table in miniature), each at its own tuned rate; at budget 2, AdaLoRA
        without its orthogonality penalty and without pruning (the SVD form alone), at
        AdaLoRA's rate.
     3. The same as 1 at K = 16 per class."""
