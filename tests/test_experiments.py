@@ -178,3 +178,19 @@ def test_adalora_ablations():
     assert free.peft_config.orth_reg_weight == 0.0 < plain.peft_config.orth_reg_weight
     with pytest.raises(ValueError, match="variant"):
         experiments.prepare("adalora", r=2, steps=80, variant="no-such")
+
+
+def test_committed_protocol_record_is_consistent():
+    """Every recorded run is named by its own configuration, and every run that read the test
+    split read all of it; rate-grid runs that lost kept the test split unread."""
+    record = experiments.load_record("protocol", "ci")
+    proto = experiments.PROTOCOLS["ci"]
+    assert record["scale"] == proto.fixed()
+    for key, run in record["runs"].items():
+        spec = experiments.RunSpec(**{**run["spec"], "targets": tuple(run["spec"]["targets"])})
+        assert key == run["key"] == proto.key(spec)
+        if "test_accuracy" in run:
+            assert len(run["test_correct"]) == 2 * 942 and 0.05 < run["test_accuracy"] < 1
+        if spec.method != "probe":
+            assert len(run["curve"]) == proto.evaluations and run["curve"][-1]["step"] == proto.steps_for(spec.k)
+            assert run["best_step"] in [p["step"] for p in run["curve"]]
