@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from peft_minimal.layers import count_parameters, find_target_modules, freeze_base, matches_target
