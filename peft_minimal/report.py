@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .protocol import Interval, mean_std, paired_interval, plateaued, unpack_correct
+from .protocol import Interval, bootstrap_interval, mean_std, paired_interval, plateaued, unpack_correct
 
 
 def matches(run: dict, selector: dict) -> bool:
@@ -59,6 +59,24 @@ def paired(runs_a: Sequence[dict], runs_b: Sequence[dict]) -> Interval:
     b = {r["spec"]["seed"]: r["test_accuracy"] for r in runs_b}
     seeds = sorted(a.keys() & b.keys())
     return paired_interval([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def compare(a: str, runs_a: Sequence[dict], b: str, runs_b: Sequence[dict], n_test: int) -> dict:
+    """``a`` against ``b`` two ways: paired by seed (Student's t, seed noise) and by a paired
+    bootstrap over test messages of the seed-averaged correctness (test-sample noise). The
+    verdict ranks the two only when *both* intervals exclude 0 on the same side; otherwise it
+    says that no difference was measured at this size."""
+    by_seed = paired(runs_a, runs_b)
+    by_message = bootstrap_interval(correct_matrix(runs_a, n_test), correct_matrix(runs_b, n_test))
+    same_side = (by_seed.low > 0 and by_message.low > 0) or (by_seed.high < 0 and by_message.high < 0)
+    if not same_side:
+        text = f"no difference measured at this size between {a} and {b}"
+    elif by_seed.low > 0:
+        text = f"{a} beats {b}"
+    else:
+        text = f"{b} beats {a}"
+    return {"a": a, "b": b, "by_seed": by_seed, "by_message": by_message, "ranked": same_side,
+            "verdict": f"{text}: {by_seed} by seed, {by_message} over messages"}
 
 
 def correct_matrix(runs: Sequence[dict], n: int) -> np.ndarray:

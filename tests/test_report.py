@@ -46,3 +46,15 @@ def test_summary_paired_interval_and_table(record):
     table = report.markdown_table([row])
     assert "| LoRA | 100 | 0.003 | 0.700 ± 0.100 | 3 | yes |" in table
     assert report.correct_matrix(lora, 10).sum(1).tolist() == [6, 7, 8]
+
+
+def test_compare_ranks_only_when_both_intervals_agree():
+    def runs(*accs, n=100):
+        return [{"spec": {"seed": s}, "test_accuracy": a, "test_correct": pack_correct(
+            torch.tensor([0] * round(a * n) + [1] * (n - round(a * n))), [0] * n)} for s, a in enumerate(accs)]
+    # one message better on every seed: the seed interval excludes 0, 100 messages cannot
+    result = report.compare("A", runs(0.51, 0.52, 0.53), "B", runs(0.50, 0.51, 0.52), n_test=100)
+    assert result["by_seed"].low > 0 and not result["by_message"].excludes_zero()
+    assert not result["ranked"] and result["verdict"].startswith("no difference measured at this size")
+    result = report.compare("A", runs(0.1, 0.15, 0.2), "B", runs(0.9, 0.9, 0.9), n_test=100)
+    assert result["ranked"] and result["verdict"].startswith("B beats A")
