@@ -249,11 +249,27 @@ def tuned_lr(record, spec: RunSpec, seed: int = 0, proto: Protocol | None = None
         rates = [float(f"{best / step:.3g}")] + rates if best == rates[0] else rates + [float(f"{best * step:.3g}")]
 
 
+def doubled(proto: Protocol) -> Protocol:
+    """The same protocol with every run twice as long (and curve points twice as far apart)."""
+    return replace(proto, steps=tuple((k, 2 * steps) for k, steps in proto.steps))
+
+
+def plateau_check(record, spec: RunSpec, proto: Protocol) -> dict:
+    """Seed 0 of ``spec`` at its tuned rate, trained for twice the protocol's steps, on
+    validation only. A linear decay to 0 flattens the end of any curve, so a flat end alone
+    does not show a plateau; the same run twice as long does: if its best validation accuracy
+    is no higher, the protocol trained long enough."""
+    lr = tuned_lr(record, spec, 0, proto)
+    long, s = doubled(proto), replace(spec, lr=lr, seed=0)
+    return record.run(long.key(s), lambda: run_protocol(s, long, progress=True, read_test=False))
+
+
 def protocol_grid(proto: Protocol, record) -> None:
     """The main grid of chapters 2-4, in the order the chapters need it; resumable.
 
     1. K = 64 per class: the probe, LoRA r = 8 (q, v), the [CLS] head, full fine-tuning and
-       (IA)³, each at its tuned rate over 3 seeds; LoRA's rank sweep (r = 1, 2, 4, 16) at
+       (IA)³, each at its tuned rate over 3 seeds; LoRA and full fine-tuning once more with twice
+       the steps (:func:`plateau_check`); LoRA's rank sweep (r = 1, 2, 4, 16) at
        LoRA r = 8's rate with alpha fixed, so only the rank varies.
     2. AdaLoRA against LoRA on all six matrix types at final budgets of average rank 2 and 8
        (the paper's GLUE table in miniature), each at its own tuned rate; at budget 2, AdaLoRA
@@ -266,9 +282,11 @@ def protocol_grid(proto: Protocol, record) -> None:
             record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True))
 
     def block(k: int) -> None:
-        for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k),
-                     RunSpec("full", k=k), RunSpec("ia3", k=k)):
+        for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k), RunSpec("full", k=k)):
             tuned_runs(record, spec, proto=proto)
+        plateau_check(record, RunSpec("lora", k=k, r=8), proto)
+        tuned_runs(record, RunSpec("ia3", k=k), proto=proto)
+        plateau_check(record, RunSpec("full", k=k), proto)
         lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
         for r in (1, 2, 4, 16):
             seeds_at(RunSpec("lora", k=k, r=r), lr)

@@ -34,9 +34,10 @@ def final_runs(record: dict, **selector) -> list[dict]:
     return runs
 
 
-def rate_grid(record: dict, **selector) -> list[tuple[float, float]]:
-    """``(lr, validation accuracy)`` of a configuration's rate grid (seed 0), by rate."""
-    runs = [r for r in record["runs"].values() if matches(r, {**selector, "seed": 0})]
+def rate_grid(record: dict, steps: int, **selector) -> list[tuple[float, float]]:
+    """``(lr, validation accuracy)`` of a configuration's rate grid (seed 0, runs of ``steps``
+    steps: a plateau check of twice the length is not part of the grid), by rate."""
+    runs = [r for r in record["runs"].values() if matches(r, {**selector, "seed": 0}) and r.get("steps") == steps]
     return sorted({(r["spec"]["lr"], r["val_accuracy"]) for r in runs})
 
 

@@ -100,14 +100,31 @@ def test_committed_protocol_record_is_consistent():
     assert record["scale"] == proto.fixed()
     for key, run in record["runs"].items():
         spec = grid.RunSpec(**{**run["spec"], "targets": tuple(run["spec"]["targets"])})
-        assert key == run["key"] == proto.key(spec)
+        run_proto = grid.doubled(proto) if run.get("steps", 0) > proto.steps_for(spec.k) else proto
+        assert key == run["key"] == run_proto.key(spec)
         if "test_accuracy" in run:
             assert len(run["test_correct"]) == 2 * 942 and 0.05 < run["test_accuracy"] < 1
         if spec.method != "probe":
-            assert len(run["curve"]) == proto.evaluations and run["curve"][-1]["step"] == proto.steps_for(spec.k)
+            assert len(run["curve"]) == proto.evaluations and run["curve"][-1]["step"] == run_proto.steps_for(spec.k)
             assert run["best_step"] in [p["step"] for p in run["curve"]]
 
 
 def test_ablation_keys_name_the_variant():
     spec = grid.RunSpec("adalora", lr=1e-3, k=64, r=2, targets=grid.ALL_SIX, variant="no-pruning")
     assert spec.key().endswith("|v=no-pruning|lr=0.001")
+
+
+def test_plateau_check_doubles_the_steps_of_the_tuned_run_without_test(tmp_path, monkeypatch):
+    from peft_minimal.record import Record
+    seen = []
+
+    def fake_run(spec, proto, progress=False, read_test=True):
+        seen.append((spec.lr, proto.steps_for(spec.k), read_test))
+        return {"spec": grid.asdict(spec), "val_accuracy": 0.5 if spec.lr == 3e-3 else 0.4, "val_loss": 1.0}
+
+    monkeypatch.setattr(grid, "run_protocol", fake_run)
+    record = Record.open(tmp_path / "r.json", "r", {})
+    ci = grid.PROTOCOLS["ci"]
+    run = grid.plateau_check(record, grid.RunSpec("lora", k=64), ci)
+    assert seen[-1] == (3e-3, 2 * ci.steps_for(64), False) and run["key"].endswith(f"|steps={2 * ci.steps_for(64)}")
+    assert grid.plateau_check(record, grid.RunSpec("lora", k=64), ci) == run and len(seen) == 4  # recorded once

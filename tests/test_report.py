@@ -5,8 +5,8 @@ from peft_minimal import report
 from peft_minimal.protocol import pack_correct
 
 
-def run(method, seed, lr, acc, k=64, test=True, curve=(0.2, 0.5, 0.6, 0.6)):
-    r = {"spec": {"method": method, "seed": seed, "lr": lr, "k": k, "r": 8, "targets": ["query", "value"]},
+def run(method, seed, lr, acc, k=64, test=True, curve=(0.2, 0.5, 0.6, 0.6), steps=40):
+    r = {"spec": {"method": method, "seed": seed, "lr": lr, "k": k, "r": 8, "targets": ["query", "value"]}, "steps": steps,
          "val_accuracy": max(curve), "trainable": 100, "curve": [{"step": 10 * (i + 1), "val_accuracy": a}
                                                                  for i, a in enumerate(curve)]}
     if test:
@@ -21,14 +21,14 @@ def record():
     runs = [run("lora", 0, 1e-3, 0.0, test=False), run("lora", 0, 3e-3, 0.6), run("lora", 0, 1e-2, 0.0, test=False),
             run("lora", 1, 3e-3, 0.7), run("lora", 2, 3e-3, 0.8),
             run("full", 0, 1e-4, 0.5), run("full", 1, 1e-4, 0.6), run("full", 2, 1e-4, 0.6, curve=(0.1, 0.2, 0.3, 0.5)),
-            run("lora", 0, 3e-3, 0.1, k=16)]
+            run("lora", 0, 3e-3, 0.1, k=16), run("lora", 0, 3e-3, 0.0, test=False, curve=(0.7,), steps=80)]
     return {"runs": {str(i): r for i, r in enumerate(runs)}}
 
 
 def test_final_runs_are_the_tested_runs_of_one_configuration(record):
     runs = report.final_runs(record, method="lora", k=64)
     assert [r["spec"]["seed"] for r in runs] == [0, 1, 2] and report.accuracies(runs) == [0.6, 0.7, 0.8]
-    assert report.rate_grid(record, method="lora", k=64) == [(1e-3, 0.6), (3e-3, 0.6), (1e-2, 0.6)]
+    assert report.rate_grid(record, 40, method="lora", k=64) == [(1e-3, 0.6), (3e-3, 0.6), (1e-2, 0.6)]
     with pytest.raises(LookupError, match="still running"):
         report.final_runs(record, method="ia3")
     record["runs"]["x"] = run("lora", 1, 1e-2, 0.3)
