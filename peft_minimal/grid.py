@@ -282,11 +282,11 @@ def protocol_grid(proto: Protocol, record) -> None:
             record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True))
 
     def block(k: int) -> None:
-        for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k), RunSpec("full", k=k)):
+        for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k),
+                     RunSpec("full", k=k), RunSpec("ia3", k=k)):
             tuned_runs(record, spec, proto=proto)
-        plateau_check(record, RunSpec("lora", k=k, r=8), proto)
-        tuned_runs(record, RunSpec("ia3", k=k), proto=proto)
-        plateau_check(record, RunSpec("full", k=k), proto)
+        for spec in (RunSpec("lora", k=k, r=8), RunSpec("full", k=k)):
+            plateau_check(record, spec, proto)
         lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
         for r in (1, 2, 4, 16):
             seeds_at(RunSpec("lora", k=k, r=r), lr)
