@@ -20,7 +20,7 @@ import torch
 from . import adalora, fewshot, ia3, lora, svd
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
-from .models import load_encoder
+from .models import load_encoder, use_mean_pooling
 from .record import environment
 from .train import TrainConfig, evaluate_accuracy, seed_everything, train
 
@@ -82,9 +82,14 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
     """MiniLM with a seeded head and the method applied: ``head``, ``lora``, ``adalora``
     (``r`` is the target rank; the schedule needs the run's ``steps``), ``ia3`` or ``full``.
     LoRA's ``alpha`` defaults to ``2 r``; a rank sweep that varies only the rank fixes it.
+    ``variant="mean-pool"`` classifies the masked mean of the tokens (:func:`use_mean_pooling`).
     AdaLoRA's ablations (``variant``): ``no-penalty`` drops the orthogonality term,
     ``no-pruning`` trains P Λ Q at rank ``r`` from the start (no allocator will run)."""
     model, tokenizer = load_encoder(num_labels=20, seed=seed)
+    if variant == "mean-pool":  # the head reads the masked mean of the tokens, not [CLS] via the pooler
+        use_mean_pooling(model)
+    elif variant and method != "adalora":
+        raise ValueError(f"variant must be '' or 'mean-pool' for {method}, got {variant!r}")
     if method == "head":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("classifier.")

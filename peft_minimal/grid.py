@@ -79,7 +79,7 @@ class RunSpec:
     k: int | None = None
     r: int = 8
     targets: tuple[str, ...] = ("query", "value")
-    variant: str = ""  # AdaLoRA ablations: "no-penalty", "no-pruning"
+    variant: str = ""  # "mean-pool"; AdaLoRA's ablations "no-penalty", "no-pruning"
 
     def key(self) -> str:
         parts = [self.method, f"k={self.k or 'all'}", f"seed={self.seed}"]
@@ -269,8 +269,10 @@ def protocol_grid(proto: Protocol, record) -> None:
 
     1. K = 64 per class: the probe, LoRA r = 8 (q, v), the [CLS] head, full fine-tuning and
        (IA)³, each at its tuned rate over 3 seeds; LoRA and full fine-tuning once more with twice
-       the steps (:func:`plateau_check`); LoRA's rank sweep (r = 1, 2, 4, 16) at
-       LoRA r = 8's rate with alpha fixed, so only the rank varies.
+       the steps (:func:`plateau_check`); LoRA r = 8 and the head reading the masked mean of the
+       tokens (the probe's pooling) instead of [CLS] through the untrained pooler, each tuned;
+       LoRA's rank sweep (r = 1, 2, 4, 16) at LoRA r = 8's rate with alpha fixed, so only the
+       rank varies.
     2. AdaLoRA against LoRA on all six matrix types at final budgets of average rank 2 and 8
        (the paper's GLUE table in miniature), each at its own tuned rate; at budget 2, AdaLoRA
        without its orthogonality penalty and without pruning (the SVD form alone), at
@@ -287,6 +289,8 @@ def protocol_grid(proto: Protocol, record) -> None:
             tuned_runs(record, spec, proto=proto)
         for spec in (RunSpec("lora", k=k, r=8), RunSpec("full", k=k)):
             plateau_check(record, spec, proto)
+        for spec in (RunSpec("lora", k=k, r=8, variant="mean-pool"), RunSpec("head", k=k, variant="mean-pool")):
+            tuned_runs(record, spec, proto=proto)  # the probe's pooling, trained: separates pooling from adapting
         lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
         for r in (1, 2, 4, 16):
             seeds_at(RunSpec("lora", k=k, r=r), lr)

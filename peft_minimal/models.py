@@ -77,6 +77,34 @@ def load_encoder(num_labels: int, name: str = ENCODER, seed: int = 0):
     return model, tokenizer
 
 
+class MeanPooler(nn.Module):
+    """The masked mean of the last hidden states: how all-MiniLM-L6-v2 was trained to pool
+    (sentence-transformers), in place of BERT's [CLS] pooler (dense + tanh on the first token),
+    which this checkpoint never trained. The mask comes from the encoder's own call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.attention_mask is None:
+            return hidden_states.mean(1)
+        mask = self.attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def use_mean_pooling(model: nn.Module) -> nn.Module:
+    """Make a ``BertForSequenceClassification`` classify the masked mean of its tokens."""
+    pooler = MeanPooler()
+    model.bert.pooler = pooler
+
+    def keep_mask(module, args, kwargs):
+        pooler.attention_mask = kwargs.get("attention_mask")
+
+    model.bert.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def _decoder(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,13 +17,15 @@ from .protocol import Interval, bootstrap_interval, mean_std, paired_interval, p
 def matches(run: dict, selector: dict) -> bool:
     """True if the run's spec has every ``selector`` value (``targets`` compared as lists)."""
     spec = run["spec"]
-    return all(list(spec[k]) == list(v) if k == "targets" else spec[k] == v for k, v in selector.items())
+    return all(list(spec[k]) == list(v) if k == "targets" else spec.get(k, "") == v for k, v in selector.items())
 
 
 def final_runs(record: dict, **selector) -> list[dict]:
-    """The runs of one configuration that were read on test, ordered by seed.
+    """The runs of one configuration that were read on test, ordered by seed. A selector
+    without ``variant`` means the plain method (``variant=""``).
 
     Raises if they disagree on the rate (one configuration has one tuned rate) or if none exist."""
+    selector = {"variant": "", **selector}
     runs = sorted((r for r in record["runs"].values() if matches(r, selector) and "test_accuracy" in r),
                   key=lambda r: r["spec"]["seed"])
     if not runs:
@@ -37,7 +39,8 @@ def final_runs(record: dict, **selector) -> list[dict]:
 def rate_grid(record: dict, steps: int, **selector) -> list[tuple[float, float]]:
     """``(lr, validation accuracy)`` of a configuration's rate grid (seed 0, runs of ``steps``
     steps: a plateau check of twice the length is not part of the grid), by rate."""
-    runs = [r for r in record["runs"].values() if matches(r, {**selector, "seed": 0}) and r.get("steps") == steps]
+    runs = [r for r in record["runs"].values()
+            if matches(r, {"variant": "", **selector, "seed": 0}) and r.get("steps") == steps]
     return sorted({(r["spec"]["lr"], r["val_accuracy"]) for r in runs})
 
 

@@ -86,3 +86,22 @@ def test_adalora_ablations():
     assert free.peft_config.orth_reg_weight == 0.0 < plain.peft_config.orth_reg_weight
     with pytest.raises(ValueError, match="variant"):
         experiments.prepare("adalora", r=2, steps=80, variant="no-such")
+
+
+def test_mean_pooling_head_reads_the_masked_mean_of_the_tokens():
+    import torch
+    model, tokenizer = experiments.prepare("head", variant="mean-pool")
+    assert count_parameters(model)[0] == 384 * 20 + 20 and not hasattr(model.bert.pooler, "dense")
+    texts = ["a short message", "a much longer message about space shuttles and orbital mechanics"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    alone = tokenizer(texts[:1], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        hidden = model.bert(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = model.classifier((hidden * mask).sum(1) / mask.sum(1))
+        assert torch.allclose(logits, expected, atol=1e-5)
+        # padding never enters the mean: the short message scores the same alone and padded
+        assert torch.allclose(model(**alone).logits[0], logits[0], atol=1e-5)
+    with pytest.raises(ValueError, match="mean-pool"):
+        experiments.prepare("lora", variant="no-pruning")

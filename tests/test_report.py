@@ -22,6 +22,9 @@ def record():
             run("lora", 1, 3e-3, 0.7), run("lora", 2, 3e-3, 0.8),
             run("full", 0, 1e-4, 0.5), run("full", 1, 1e-4, 0.6), run("full", 2, 1e-4, 0.6, curve=(0.1, 0.2, 0.3, 0.5)),
             run("lora", 0, 3e-3, 0.1, k=16), run("lora", 0, 3e-3, 0.0, test=False, curve=(0.7,), steps=80)]
+    variant = run("lora", 0, 1e-2, 0.9)
+    variant["spec"]["variant"] = "mean-pool"  # another configuration: never mixed into the plain one
+    runs.append(variant)
     return {"runs": {str(i): r for i, r in enumerate(runs)}}
 
 
@@ -29,6 +32,7 @@ def test_final_runs_are_the_tested_runs_of_one_configuration(record):
     runs = report.final_runs(record, method="lora", k=64)
     assert [r["spec"]["seed"] for r in runs] == [0, 1, 2] and report.accuracies(runs) == [0.6, 0.7, 0.8]
     assert report.rate_grid(record, 40, method="lora", k=64) == [(1e-3, 0.6), (3e-3, 0.6), (1e-2, 0.6)]
+    assert report.accuracies(report.final_runs(record, method="lora", k=64, variant="mean-pool")) == [0.9]
     with pytest.raises(LookupError, match="still running"):
         report.final_runs(record, method="ia3")
     record["runs"]["x"] = run("lora", 1, 1e-2, 0.3)
