@@ -212,6 +212,35 @@ def finish_on_test(record, key: str, proto: Protocol) -> dict:
     return record.update(key, fields)
 
 
+def truncation(record, truncations, spec: RunSpec, proto: Protocol) -> dict:
+    """Chapter 1's experiment on the protocol: the tuned full fine-tuning run ``spec`` (from
+    its kept weights, or trained again), every one of its 36 matrix updates
+    ``ΔW = W_ft - W_0`` cut to rank r (Eckart-Young) and the whole test split read at each r;
+    written to the record ``truncations`` under the run's key, with every ΔW's spectrum."""
+    from . import svd
+    from .experiments import encoder_matrices, truncated_update_accuracy
+
+    spec = replace(spec, lr=tuned_lr(record, spec, 0, proto))
+    key = proto.key(spec)
+
+    def compute() -> dict:
+        path = state_path(key)
+        if path.is_file():
+            model, _ = prepare(spec.method, spec.r, spec.seed, spec.targets, proto.steps_for(spec.k), LORA_ALPHA)
+            model.load_state_dict(torch.load(path), strict=False)
+        else:
+            model = run_protocol(spec, proto, progress=True, return_model=True, read_test=False)[1]
+        W0 = encoder_matrices(prepare(spec.method, seed=spec.seed)[0])
+        delta = {name: w - W0[name] for name, w in encoder_matrices(model).items()}
+        test_set = protocol_data(proto.max_length, proto.validation_per_class)[4]
+        return {"of": key, "spec": asdict(spec),
+                "truncation_accuracy": truncated_update_accuracy(model.to(device()), W0, delta, test_set),
+                "delta_singular_values": {f"{i}.{kind}": [float(f"{s:.6g}") for s in svd.singular_values(d)]
+                                          for (i, kind), d in delta.items()}}
+
+    return truncations.run(key, compute)
+
+
 def tuned_runs(record, spec: RunSpec, seeds=(0, 1, 2), proto: Protocol | None = None) -> list[dict]:
     """Runs of ``spec`` at its method's best rate (:func:`tuned_lr`): the winner of the rate
     grid is read on test, and the other seeds run at that rate."""
@@ -269,7 +298,8 @@ def protocol_grid(proto: Protocol, record) -> None:
 
     1. K = 64 per class: the probe, LoRA r = 8 (q, v), the [CLS] head, full fine-tuning and
        (IA)³, each at its tuned rate over 3 seeds; LoRA and full fine-tuning once more with twice
-       the steps (:func:`plateau_check`); LoRA r = 8 and the head reading the masked mean of the
+       the steps (:func:`plateau_check`); the full run's updates cut to rank r (:func:`truncation`,
+       chapter 1); LoRA r = 8 and the head reading the masked mean of the
        tokens (the probe's pooling) instead of [CLS] through the untrained pooler, each tuned;
        LoRA's rank sweep (r = 1, 2, 4, 16) at LoRA r = 8's rate with alpha fixed, so only the
        rank varies.
@@ -289,6 +319,7 @@ def protocol_grid(proto: Protocol, record) -> None:
             tuned_runs(record, spec, proto=proto)
         for spec in (RunSpec("lora", k=k, r=8), RunSpec("full", k=k)):
             plateau_check(record, spec, proto)
+        truncation(record, open_record("truncation", proto), RunSpec("full", k=k), proto)
         for spec in (RunSpec("lora", k=k, r=8, variant="mean-pool"), RunSpec("head", k=k, variant="mean-pool")):
             tuned_runs(record, spec, proto=proto)  # the probe's pooling, trained: separates pooling from adapting
         lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)

@@ -1,4 +1,6 @@
 """The protocol as runs (peft_minimal/grid.py): keys, tuned rates, resumed winners, the record."""
+import pytest
+
 from peft_minimal import experiments, grid
 
 
@@ -128,3 +130,33 @@ def test_plateau_check_doubles_the_steps_of_the_tuned_run_without_test(tmp_path,
     run = grid.plateau_check(record, grid.RunSpec("lora", k=64), ci)
     assert seen[-1] == (3e-3, 2 * ci.steps_for(64), False) and run["key"].endswith(f"|steps={2 * ci.steps_for(64)}")
     assert grid.plateau_check(record, grid.RunSpec("lora", k=64), ci) == run and len(seen) == 4  # recorded once
+
+
+def test_truncation_cuts_the_kept_full_run_and_records_it_once(tmp_path, monkeypatch, tiny_bert):
+    import copy
+
+    import torch
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    ci = grid.PROTOCOLS["ci"]
+    spec = grid.RunSpec("full", k=64, lr=1e-4)
+    base = copy.deepcopy(tiny_bert)
+    tuned = copy.deepcopy(tiny_bert)
+    with torch.no_grad():  # a "fine-tuned" model: one matrix moved by a rank-1 update
+        tuned.bert.encoder.layer[1].attention.self.value.weight.add_(torch.outer(torch.ones(32), torch.arange(32.0)))
+    path = grid.state_path(ci.key(spec))
+    path.parent.mkdir(parents=True)
+    torch.save(tuned.state_dict(), path)
+    monkeypatch.setattr(grid, "tuned_lr", lambda record, spec, seed, proto: 1e-4)
+    monkeypatch.setattr(grid, "prepare", lambda *a, **k: (copy.deepcopy(base), None))
+    monkeypatch.setattr(grid, "protocol_data", lambda *a: (None,) * 4 + ("test",))
+    monkeypatch.setattr(grid, "run_protocol", lambda *a, **k: pytest.fail("the kept weights exist"))
+    monkeypatch.setattr(experiments, "truncated_update_accuracy", lambda model, W0, delta, data: {"data": data})
+    truncations = Record.open(tmp_path / "t.json", "truncation", {})
+    run = grid.truncation(Record.open(tmp_path / "r.json", "r", {}), truncations, grid.RunSpec("full", k=64), ci)
+    assert run["of"] == ci.key(spec) and run["truncation_accuracy"] == {"data": "test"}
+    spectra = run["delta_singular_values"]
+    assert len(spectra) == 12 and spectra["1.value"][0] > 100 and spectra["1.value"][1] < 1e-3  # rank 1
+    assert all(max(values) == 0 for name, values in spectra.items() if name != "1.value")
+    assert grid.truncation(None, truncations, grid.RunSpec("full", k=64), ci) == run  # recorded: not again
