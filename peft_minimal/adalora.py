@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, unload, unmerge_all
+from .layers import (check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, target_linears,
+                     unload, unmerge_all)
+from .method import Method, Shapes
 
 
 @dataclass
@@ -280,3 +282,52 @@ class RankAllocator:
         if self.rank_pattern is not None and hasattr(model, "peft_config"):
             model.peft_config.rank_pattern = self.rank_pattern
         return budget
+
+
+# --- how the rest of the package sees AdaLoRA: peft's adapter_config.json keys and tensor shapes ---
+
+def to_saved(config: AdaLoRAConfig) -> dict:
+    return {"peft_type": "ADALORA", "init_r": config.init_r, "target_r": config.target_r,
+            "lora_alpha": config.alpha, "lora_dropout": config.dropout, "tinit": config.tinit,
+            "tfinal": config.tfinal, "deltaT": config.delta_t, "beta1": config.beta1, "beta2": config.beta2,
+            "orth_reg_weight": config.orth_reg_weight, "total_step": config.total_step,
+            "target_modules": config.target_modules, "modules_to_save": config.modules_to_save or None,
+            "rank_pattern": config.rank_pattern, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True}
+
+
+def from_saved(d: dict) -> AdaLoRAConfig:
+    return AdaLoRAConfig(
+        init_r=d["init_r"], target_r=d["target_r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
+        tinit=d.get("tinit", 0), tfinal=d.get("tfinal", 0), delta_t=d.get("deltaT", 1),
+        beta1=d.get("beta1", 0.85), beta2=d.get("beta2", 0.85), orth_reg_weight=d.get("orth_reg_weight", 0.5),
+        total_step=d["total_step"], target_modules=d["target_modules"],
+        modules_to_save=list(d.get("modules_to_save") or []), rank_pattern=d.get("rank_pattern"))
+
+
+def shapes(model: nn.Module, config: AdaLoRAConfig) -> Shapes:
+    """P, Λ, Q per target at the rank it is saved with: ``init_r``, or the kept triplets of ``rank_pattern``."""
+    found = {}
+    for name, linear in target_linears(model, config.target_modules):
+        pattern = (config.rank_pattern or {}).get(f"{name}.lora_E")
+        r = config.init_r if pattern is None else sum(pattern)
+        found.update({f"{name}.lora_A": (r, linear.in_features), f"{name}.lora_E": (r, 1),
+                      f"{name}.lora_B": (linear.out_features, r)})
+    return found
+
+
+def prune(config: AdaLoRAConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep only the surviving triplets, as peft's ``resize_state_dict_by_rank_pattern``."""
+    tensors = dict(tensors)
+    for key, pattern in (config.rank_pattern or {}).items():
+        layer, keep = key.removesuffix(".lora_E"), torch.tensor(pattern, dtype=torch.bool)
+        if tensors[f"{layer}.lora_E"].shape[0] != len(pattern):
+            continue  # already at its final rank (a loaded adapter)
+        for part in ("lora_A", "lora_E"):
+            tensors[f"{layer}.{part}"] = tensors[f"{layer}.{part}"][keep]
+        tensors[f"{layer}.lora_B"] = tensors[f"{layer}.lora_B"][:, keep]
+    return tensors
+
+
+METHOD = Method("ADALORA", AdaLoRAConfig, add_adalora, to_saved, from_saved, shapes, ("lora_",),
+                merge, unmerge, merge_and_unload, prune=prune)

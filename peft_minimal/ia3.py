@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, unload, unmerge_all
+from .layers import (check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, target_linears,
+                     unload, unmerge_all)
+from .method import Method, Shapes
 
 # The paper's places. A list entry "output.dense" would match BERT's attention.output.dense
 # too (peft's default does, and peft's feed-forward check, a bare ``endswith``, then scales that
@@ -152,3 +154,27 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every vector and put plain ``nn.Linear`` layers back (the kept copies go with them)."""
     return unload(model, IA3Linear)
+
+
+# --- how the rest of the package sees (IA)³: peft's adapter_config.json keys and tensor shapes ---
+
+def to_saved(config: IA3Config) -> dict:
+    return {"peft_type": "IA3", "target_modules": config.target_modules,
+            "feedforward_modules": config.feedforward_modules,
+            "modules_to_save": config.modules_to_save or None, "init_ia3_weights": True, "fan_in_fan_out": False}
+
+
+def from_saved(d: dict) -> IA3Config:
+    return IA3Config(target_modules=d["target_modules"], feedforward_modules=d["feedforward_modules"],
+                     modules_to_save=list(d.get("modules_to_save") or []))
+
+
+def shapes(model: nn.Module, config: IA3Config) -> Shapes:
+    """``ia3_l``: (1, in) on a feed-forward target (its input is scaled), else (out, 1)."""
+    feedforward = feedforward_names(model, config)
+    return {f"{name}.ia3_l": (1, linear.in_features) if name in feedforward else (linear.out_features, 1)
+            for name, linear in target_linears(model, config.target_modules)}
+
+
+METHOD = Method("IA3", IA3Config, add_ia3, to_saved, from_saved, shapes, ("ia3_",),
+                merge, unmerge, merge_and_unload)

@@ -45,6 +45,18 @@ def find_target_modules(
     return found
 
 
+def target_linears(model: nn.Module, target_modules: str | Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    """``(name, nn.Linear)`` for every target; a wrapped target (LoRA, IA3, ...) gives its ``base_layer``,
+    so an adapter's tensor shapes can be worked out before or after the method is added."""
+    found = []
+    for name, module in find_target_modules(model, target_modules):
+        linear = getattr(module, "base_layer", module)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"adapter targets {name!r}, which is {type(module).__name__}, not nn.Linear")
+        found.append((name, linear))
+    return found
+
+
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     """Put ``new_module`` where the submodule ``name`` is (``a.b.c`` -> ``a.b`` gets ``c``)."""
     parent_name, _, child = name.rpartition(".")

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, unload, unmerge_all
+from .layers import (check_linear_targets, find_target_modules, freeze_base, merge_all, replace_module, target_linears,
+                     unload, unmerge_all)
+from .method import Method, Shapes
 
 
 @dataclass
@@ -141,3 +143,35 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge and put plain ``nn.Linear`` layers back: the result is an ordinary model."""
     return unload(model, LoRALinear)
+
+
+# --- how the rest of the package sees LoRA: peft's adapter_config.json keys and tensor shapes ---
+
+def to_saved(config: LoRAConfig) -> dict:
+    return {"peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout, "target_modules": config.target_modules,
+            "use_rslora": config.use_rslora, "modules_to_save": config.modules_to_save or None,
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}
+
+
+def from_saved(d: dict) -> LoRAConfig:
+    unsupported = {k: d[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform")
+                   if d.get(k)}
+    if unsupported or d.get("bias", "none") != "none":
+        raise ValueError(f"this LoRA adapter uses peft options peft_minimal does not implement: {unsupported}")
+    return LoRAConfig(r=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
+                      target_modules=d["target_modules"], use_rslora=d.get("use_rslora", False),
+                      modules_to_save=list(d.get("modules_to_save") or []))
+
+
+def shapes(model: nn.Module, config: LoRAConfig) -> Shapes:
+    """``lora_A``: r x in and ``lora_B``: out x r per target, as peft names them (nn.Linear weights)."""
+    found = {}
+    for name, linear in target_linears(model, config.target_modules):
+        found[f"{name}.lora_A.weight"] = (config.r, linear.in_features)
+        found[f"{name}.lora_B.weight"] = (linear.out_features, config.r)
+    return found
+
+
+METHOD = Method("LORA", LoRAConfig, add_lora, to_saved, from_saved, shapes, ("lora_",),
+                merge, unmerge, merge_and_unload)

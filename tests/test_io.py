@@ -80,3 +80,35 @@ def test_saved_config_is_peft_lora(tiny_bert, tmp_path):
 def test_save_without_adapter_is_refused(tiny_bert, tmp_path):
     with pytest.raises(ValueError, match="no peft_minimal adapter"):
         save_adapter(tiny_bert, tmp_path)
+
+
+def _without_modules_to_save(method, model):
+    """Each peft-compatible method added *without* modules_to_save, its adapter tensors randomised."""
+    from peft_minimal import adalora, ia3
+    add = {"LORA": lambda m: lora.add_lora(m, lora.LoRAConfig(r=4)),
+           "IA3": lambda m: ia3.add_ia3(m, ia3.IA3Config()),
+           "ADALORA": lambda m: adalora.add_adalora(m, adalora.AdaLoRAConfig(init_r=4, target_r=2, total_step=10))}
+    add[method](model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("method", ["LORA", "IA3", "ADALORA"])
+def test_seq_cls_without_modules_to_save_loads_in_peft(method, tiny_bert, tokens, tmp_path):
+    """peft adds a SEQ_CLS head to modules_to_save itself and then needs its weights in the file
+    (it raised KeyError 'base_model.model.classifier.weight'): we save the head for SEQ_CLS."""
+    fresh = copy.deepcopy(tiny_bert)
+    with torch.no_grad():  # a base whose head differs from ours: the saved head must be what decides
+        fresh.classifier.weight.normal_()
+    ours = _without_modules_to_save(method, tiny_bert)
+    assert not ours.classifier.weight.requires_grad
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path).eval()
+    torch.testing.assert_close(theirs(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
+    again = load_adapter(copy.deepcopy(fresh), tmp_path)
+    assert torch.equal(again(tokens).logits, ours(tokens).logits)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]

@@ -1,0 +1,57 @@
+"""How a PEFT method describes itself to the rest of the package.
+
+Each method module (``lora``, ``adalora``, ``ia3``, ``adapters``) ends with one
+``METHOD = Method(...)``: everything that saving and loading (:mod:`peft_minimal.io`), counting
+and merging need to know about it. :mod:`peft_minimal.registry` lists the methods, one line
+each, so adding a method touches its own file and that list, never ``io.py``.
+
+The description is data plus small functions, not a base class: a method stays a plain module
+of functions and ``nn.Module`` wrappers that a reader can follow top to bottom.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def keep_all(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The default ``prune``: every adapter tensor is saved as it is."""
+    return tensors
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the package needs to know about one PEFT method.
+
+    ``shapes(model, config)`` is the contract between a config and the saved tensors: every key
+    (a parameter name in ``model``) and shape the adapter holds, computed from the model and the
+    config alone, before or after the method is added. Loading checks a file against it before
+    touching the model, and counting adds it up.
+    """
+
+    peft_type: str                                  # "peft_type" in adapter_config.json: peft's name, or our own
+    config_class: type                              # the method's dataclass config
+    add: Callable[[nn.Module, Any], nn.Module]      # (model, config) -> model with the method, base frozen
+    to_saved: Callable[[Any], dict]                 # config -> the keys of adapter_config.json
+    from_saved: Callable[[dict], Any]               # those keys -> config (refusing options we lack)
+    shapes: Callable[[nn.Module, Any], Shapes]      # (model, config) -> {tensor key: shape}
+    markers: tuple[str, ...]                        # substrings that name the method's parameters
+    merge: Callable[[nn.Module], None]
+    unmerge: Callable[[nn.Module], None]
+    merge_and_unload: Callable[[nn.Module], nn.Module]
+    can_merge: bool = True                          # False: the three above raise, saying why
+    prune: Callable[[Any, dict], dict] = keep_all   # tensors as saved (AdaLoRA drops pruned triplets)
+    peft_loads: bool = True                         # Hugging Face peft loads what we save
+
+    def is_adapter_tensor(self, name: str) -> bool:
+        return any(marker in name for marker in self.markers)
+
+    def parameter_count(self, model: nn.Module, config: Any) -> int:
+        """Numbers the adapter holds (the modules to save not included), from ``shapes``."""
+        return sum(math.prod(shape) for shape in self.shapes(model, config).values())
