@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adalora, ia3, lora
+from . import adalora, adapters, ia3, lora
 from .method import Method
 
 METHODS: dict[str, Method] = {m.peft_type: m for m in (
     lora.METHOD,
     adalora.METHOD,
     ia3.METHOD,
+    adapters.METHOD,
 )}
 
 
