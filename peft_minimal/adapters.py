@@ -10,7 +10,7 @@ An adapter is a small MLP with a bottleneck, added to every layer of a frozen tr
 and used with a residual connection, so the layer computes ``h + f(·)`` instead of ``h``. With
 ``W_up = 0`` (the default ``init_weights="zero_up"``, He et al.'s and AdapterHub's "mam_adapter")
 ``f = 0`` and the model starts exactly as the pretrained one; ``"bert"`` draws both weights from
-N(0, 0.02), as the UniPELT reference does, and does not. Where the adapter sits, with ``x`` the
+N(0, 0.02), as the UniPELT reference does, so it starts slightly off. Where the adapter sits, with ``x`` the
 sub-block's residual input and ``h`` its output (formulas of AdapterHub ``adapters`` 1.3.0,
 which the tests reproduce)::
 
