@@ -1,8 +1,9 @@
 """Save and load adapters in Hugging Face peft's on-disk layout.
 
 A directory holds ``adapter_config.json`` (peft's config keys) and
-``adapter_model.safetensors`` whose keys are ``base_model.model.<parameter name>``, exactly
-what ``PeftModel.save_pretrained`` writes. So ``peft.PeftModel.from_pretrained`` loads an
+``adapter_model.safetensors`` whose keys are ``base_model.model.<parameter name>`` (or what the
+method's ``saved_prefix``/``pack`` make of them: prompt learning saves ``prompt_embeddings`` and
+``base_model.<head>``), exactly what ``PeftModel.save_pretrained`` writes. So ``peft.PeftModel.from_pretrained`` loads an
 adapter saved here, and :func:`load_adapter` loads one saved by peft.
 
 This file knows no method by name: each describes itself (its config keys, tensor shapes and
@@ -25,7 +26,6 @@ from .registry import method_named, method_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 
 
 # peft's PeftModelForSequenceClassification puts these heads in modules_to_save itself, and then
@@ -73,14 +73,15 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             "inference_mode": True,
             "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    tensors = method.prune(config, adapter_state_dict(model, modules))
-    tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = method.to_file(config, adapter_state_dict(model, modules))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and check an adapter directory; errors name the file and what is wrong with it."""
+    """Read and check an adapter directory: its config and its tensors under their names in the model.
+    Errors name the file and what is wrong with it."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -91,14 +92,14 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from e
     try:
-        method_named(meta.get("peft_type"))
+        method = method_named(meta.get("peft_type"))
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
-    return meta, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    return meta, method.from_file(tensors)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:

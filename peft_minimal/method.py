@@ -48,9 +48,31 @@ class Method:
     can_merge: bool = True                          # False: the three above raise, saying why
     prune: Callable[[Any, dict], dict] = keep_all   # tensors as saved (AdaLoRA drops pruned triplets)
     peft_loads: bool = True                         # Hugging Face peft loads what we save
+    # How tensors are named in adapter_model.safetensors. peft prefixes a model tensor's name with
+    # "base_model.model." (its tuner wraps the model) or, for prompt learning, "base_model." (the
+    # model itself); ``pack`` turns the method's own tensors into what peft saves under its own keys
+    # (prompt learning: one ``prompt_embeddings``), ``unpack`` turns those back into model names.
+    saved_prefix: str = "base_model.model."
+    pack: Callable[[Any, dict], dict] | None = None     # (config, own tensors) -> {file key: tensor}
+    unpack: Callable[[dict], dict] | None = None        # {file key: tensor} -> {model name: tensor}
 
     def is_adapter_tensor(self, name: str) -> bool:
         return any(marker in name for marker in self.markers)
+
+    def to_file(self, config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors named as in the model (the method's and its modules to save) -> as in the file."""
+        tensors = self.prune(config, tensors)
+        own = {k: v for k, v in tensors.items() if self.is_adapter_tensor(k)}
+        saved = {self.saved_prefix + k: v for k, v in tensors.items() if k not in own}
+        if self.pack is None:
+            return {**saved, **{self.saved_prefix + k: v for k, v in own.items()}}
+        return {**saved, **self.pack(config, own)}
+
+    def from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`to_file`: file keys -> names in the model."""
+        if self.unpack is not None:
+            tensors = self.unpack(tensors)
+        return {k.removeprefix(self.saved_prefix): v for k, v in tensors.items()}
 
     def parameter_count(self, model: nn.Module, config: Any) -> int:
         """Numbers the adapter holds (the modules to save not included), from ``shapes``."""
