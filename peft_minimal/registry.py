@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adalora, adapters, ia3, lora
+from . import adalora, adapters, ia3, lora, prefix
 from .method import Method
 
 METHODS: dict[str, Method] = {m.peft_type: m for m in (
@@ -16,6 +16,7 @@ METHODS: dict[str, Method] = {m.peft_type: m for m in (
     adalora.METHOD,
     ia3.METHOD,
     adapters.METHOD,
+    prefix.METHOD,
 )}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peft_minimal
-from peft_minimal import adalora, adapters, ia3, load_adapter, lora, registry, save_adapter
+from peft_minimal import adalora, adapters, ia3, load_adapter, lora, prefix, registry, save_adapter
 from peft_minimal.layers import freeze_base
 from peft_minimal.method import Method
 
@@ -15,7 +15,8 @@ from peft_minimal.method import Method
 CONFIGS = {"LORA": lambda: lora.LoRAConfig(r=4),
            "ADALORA": lambda: adalora.AdaLoRAConfig(init_r=4, target_r=2, total_step=10),
            "IA3": lambda: ia3.IA3Config(),
-           "BOTTLENECK": lambda: adapters.BottleneckConfig(reduction_factor=8)}
+           "BOTTLENECK": lambda: adapters.BottleneckConfig(reduction_factor=8),
+           "PREFIX_TUNING": lambda: prefix.PrefixTuningConfig(num_virtual_tokens=4)}
 
 
 def test_every_registered_method_has_a_test_config():
@@ -47,7 +48,7 @@ def test_io_names_no_method():
     """Adding a method touches its own file and the registry, never io.py."""
     tree = ast.parse((Path(peft_minimal.__file__).parent / "io.py").read_text())
     imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
-    assert not imported & {"lora", "adalora", "ia3", "adapters"}
+    assert not imported & {"lora", "adalora", "ia3", "adapters", "prefix", "prompt"}
 
 
 @dataclass
@@ -101,8 +102,8 @@ def test_generic_merge_dispatches_to_the_method(tiny_bert, tokens):
 
 
 def test_unknown_methods_are_refused(tiny_bert):
-    with pytest.raises(ValueError, match="peft_type 'PREFIX_TUNING' is not one of"):
-        registry.method_named("PREFIX_TUNING")
+    with pytest.raises(ValueError, match="peft_type 'VERA' is not one of"):
+        registry.method_named("VERA")
     with pytest.raises(ValueError, match="no peft_minimal adapter"):
         registry.method_of(tiny_bert)
 
@@ -111,7 +112,8 @@ LLAMA_CONFIGS = {"LORA": lambda m: lora.LoRAConfig(r=4, target_modules=["q_proj"
                  "ADALORA": lambda m: adalora.AdaLoRAConfig(init_r=4, target_r=2, total_step=10,
                                                             target_modules=["q_proj", "v_proj"]),
                  "IA3": lambda m: ia3.IA3Config.for_model(m),
-                 "BOTTLENECK": lambda m: adapters.BottleneckConfig(reduction_factor=8)}
+                 "BOTTLENECK": lambda m: adapters.BottleneckConfig(reduction_factor=8),
+                 "PREFIX_TUNING": lambda m: prefix.PrefixTuningConfig(num_virtual_tokens=4)}
 
 
 @pytest.mark.parametrize("peft_type", sorted(LLAMA_CONFIGS))
