@@ -159,8 +159,21 @@ def absolute_positions(model: nn.Module) -> int | None:
     return None
 
 
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            return bool(getattr(fn, "keywords", {}).get("use_reentrant", False))
+    return False
+
+
 def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict, max_positions: int | None = None):
     """Forward pre-hook: the prefix, computed once per forward, rides down to every attention call."""
+    if (model.training and torch.is_grad_enabled() and model.prompt_encoder.transform is not None
+            and _reentrant_checkpointing(model)):
+        raise ValueError("prefix_projection=True cannot train under reentrant gradient checkpointing: each layer's "
+                         "recomputation backpropagates through the one shared MLP, whose graph the first layer "
+                         "frees; use gradient_checkpointing_kwargs={'use_reentrant': False} (the default)")
     kwargs["prefix_kv"] = model.prompt_encoder.key_values()
     if model.peft_config.shift_positions:
         P = model.peft_config.num_virtual_tokens
