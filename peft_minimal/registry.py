@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adalora, adapters, ia3, lora, prefix
+from . import adalora, adapters, ia3, lora, prefix, prompt
 from .method import Method
 
 METHODS: dict[str, Method] = {m.peft_type: m for m in (
@@ -17,6 +17,8 @@ METHODS: dict[str, Method] = {m.peft_type: m for m in (
     ia3.METHOD,
     adapters.METHOD,
     prefix.METHOD,
+    prompt.PROMPT_TUNING,
+    prompt.P_TUNING,
 )}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peft_minimal
-from peft_minimal import adalora, adapters, ia3, load_adapter, lora, prefix, registry, save_adapter
+from peft_minimal import adalora, adapters, ia3, load_adapter, lora, prefix, prompt, registry, save_adapter
 from peft_minimal.layers import freeze_base
 from peft_minimal.method import Method
 
@@ -16,7 +16,9 @@ CONFIGS = {"LORA": lambda: lora.LoRAConfig(r=4),
            "ADALORA": lambda: adalora.AdaLoRAConfig(init_r=4, target_r=2, total_step=10),
            "IA3": lambda: ia3.IA3Config(),
            "BOTTLENECK": lambda: adapters.BottleneckConfig(reduction_factor=8),
-           "PREFIX_TUNING": lambda: prefix.PrefixTuningConfig(num_virtual_tokens=4)}
+           "PREFIX_TUNING": lambda: prefix.PrefixTuningConfig(num_virtual_tokens=4),
+           "PROMPT_TUNING": lambda: prompt.PromptTuningConfig(num_virtual_tokens=4),
+           "P_TUNING": lambda: prompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8)}
 
 
 def test_every_registered_method_has_a_test_config():
@@ -113,7 +115,9 @@ LLAMA_CONFIGS = {"LORA": lambda m: lora.LoRAConfig(r=4, target_modules=["q_proj"
                                                             target_modules=["q_proj", "v_proj"]),
                  "IA3": lambda m: ia3.IA3Config.for_model(m),
                  "BOTTLENECK": lambda m: adapters.BottleneckConfig(reduction_factor=8),
-                 "PREFIX_TUNING": lambda m: prefix.PrefixTuningConfig(num_virtual_tokens=4)}
+                 "PREFIX_TUNING": lambda m: prefix.PrefixTuningConfig(num_virtual_tokens=4),
+                 "PROMPT_TUNING": lambda m: prompt.PromptTuningConfig(num_virtual_tokens=4),
+                 "P_TUNING": lambda m: prompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8)}
 
 
 @pytest.mark.parametrize("peft_type", sorted(LLAMA_CONFIGS))
