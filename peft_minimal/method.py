@@ -1,7 +1,7 @@
 """How a PEFT method describes itself to the rest of the package.
 
-Each method module (``lora``, ``adalora``, ``ia3``, ``adapters``) ends with one
-``METHOD = Method(...)``: everything that saving and loading (:mod:`peft_minimal.io`), counting
+Each method module (``lora``, ``adalora``, ``ia3``, ``adapters``, ``prefix``, ``prompt``) ends with one
+``METHOD = Method(...)`` (``prompt`` with two, ``PROMPT_TUNING`` and ``P_TUNING``): everything that saving and loading (:mod:`peft_minimal.io`), counting
 and merging need to know about it. :mod:`peft_minimal.registry` lists the methods, one line
 each, so adding a method touches its own file and that list, never ``io.py``.
 

@@ -112,7 +112,8 @@ class PrefixEncoder(nn.Module):
         return x if self.transform is None else self.transform(x)
 
     def key_values(self) -> torch.Tensor:
-        """``(num_layers·2, heads, P, head_dim)``: layer ``l``'s keys at ``2l``, its values at ``2l+1`` (peft's order)."""
+        """``(num_layers·2, heads, P, head_dim)``: layer ``l``'s keys at ``2l``, its values at ``2l+1``
+        (peft's order)."""
         s = self.shape
         flat = self()
         return flat.view(flat.shape[0], s.num_layers * 2, s.num_attention_heads, s.head_dim).permute(1, 2, 0, 3)
@@ -291,4 +292,5 @@ def unpack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 METHOD = Method("PREFIX_TUNING", PrefixTuningConfig, add_prefix, to_saved, from_saved, shapes, ("prompt_encoder",),
-                merge, unmerge, merge_and_unload, can_merge=False, saved_prefix="base_model.", pack=pack, unpack=unpack)
+                merge, unmerge, merge_and_unload, can_merge=False, saved_prefix="base_model.",
+                pack=pack, unpack=unpack)

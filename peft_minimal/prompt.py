@@ -103,7 +103,8 @@ class PromptEncoder(nn.Module):
         if config.encoder_reparameterization_type == "LSTM":
             self.lstm_head = nn.LSTM(d, h, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
                                      bidirectional=True, batch_first=True, **factory)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h, **factory), nn.ReLU(), nn.Linear(2 * h, d, **factory))
+            self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h, **factory), nn.ReLU(),
+                                          nn.Linear(2 * h, d, **factory))
         else:
             self.mlp_head = nn.Sequential(nn.Linear(d, h, **factory), nn.ReLU(), nn.Linear(h, h, **factory), nn.ReLU(),
                                           nn.Linear(h, d, **factory))
@@ -133,7 +134,8 @@ def _inject_prompt(model: nn.Module, args: tuple, kwargs: dict):
         prompt = model.prompt_encoder().to(embeds.dtype).expand(b, -1, -1)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(b, P), kwargs["token_type_ids"]], 1)
+            types = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(b, P), types], dim=1)
         labels = kwargs.get("labels")
         if labels is not None and type(model).__name__.endswith("ForCausalLM"):
             kwargs["labels"] = torch.cat([labels.new_full((b, P), -100), labels], dim=1)
@@ -238,7 +240,8 @@ def shapes(model: nn.Module, config: PromptTuningConfig | PromptEncoderConfig) -
     return found
 
 
-def pack(config: PromptTuningConfig | PromptEncoderConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def pack(config: PromptTuningConfig | PromptEncoderConfig,
+         tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What peft saves: the prompt, ``prompt_embeddings`` (the encoder's output for P-tuning)."""
     if isinstance(config, PromptTuningConfig) or config.inference_mode:
         return {"prompt_embeddings": tensors["prompt_encoder.embedding.weight"]}
@@ -257,6 +260,7 @@ def unpack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 _LAYOUT = dict(can_merge=False, saved_prefix="base_model.", pack=pack, unpack=unpack)
 PROMPT_TUNING = Method("PROMPT_TUNING", PromptTuningConfig, add_prompt, to_saved_prompt_tuning,
-                       from_saved_prompt_tuning, shapes, ("prompt_encoder",), merge, unmerge, merge_and_unload, **_LAYOUT)
+                       from_saved_prompt_tuning, shapes, ("prompt_encoder",), merge, unmerge, merge_and_unload,
+                       **_LAYOUT)
 P_TUNING = Method("P_TUNING", PromptEncoderConfig, add_prompt, to_saved_p_tuning, from_saved_p_tuning, shapes,
                   ("prompt_encoder",), merge, unmerge, merge_and_unload, **_LAYOUT)

@@ -220,7 +220,8 @@ def test_reentrant_checkpointing_with_the_mlp_is_refused_clearly(tiny_llama):
 def test_bad_configurations_are_refused(tiny_bert, ids):
     with pytest.raises(ValueError, match="leaves no position"):
         prefix.add_prefix(copy.deepcopy(tiny_bert), prefix.PrefixTuningConfig(num_virtual_tokens=512))
-    prefix.add_prefix(copy.deepcopy(tiny_bert), prefix.PrefixTuningConfig(num_virtual_tokens=512, shift_positions=False))
+    unshifted = prefix.PrefixTuningConfig(num_virtual_tokens=512, shift_positions=False)
+    prefix.add_prefix(copy.deepcopy(tiny_bert), unshifted)  # positions are not used up
     model = prefix.add_prefix(tiny_bert, prefix.PrefixTuningConfig(num_virtual_tokens=508))
     with pytest.raises(ValueError, match="exceed the model's 512 positions"):
         model(ids)

@@ -184,7 +184,8 @@ def test_only_the_prompt_and_the_head_train(name, kind, request):
 
 
 def test_sample_vocab_starts_from_word_embeddings(tiny_llama):
-    model = prompt.add_prompt(tiny_llama, prompt.PromptTuningConfig(num_virtual_tokens=P, prompt_tuning_init="SAMPLE_VOCAB"))
+    config = prompt.PromptTuningConfig(num_virtual_tokens=P, prompt_tuning_init="SAMPLE_VOCAB")
+    model = prompt.add_prompt(tiny_llama, config)
     words = model.get_input_embeddings().weight
     for row in model.prompt_encoder():
         assert (words == row).all(1).any()
