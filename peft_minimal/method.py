@@ -1,8 +1,9 @@
 """How a PEFT method describes itself to the rest of the package.
 
-Each method module (``lora``, ``adalora``, ``ia3``, ``adapters``, ``prefix``, ``prompt``) ends with one
-``METHOD = Method(...)`` (``prompt`` with two, ``PROMPT_TUNING`` and ``P_TUNING``): everything that saving and loading (:mod:`peft_minimal.io`), counting
-and merging need to know about it. :mod:`peft_minimal.registry` lists the methods, one line
+Each method module (``lora``, ``adalora``, ``ia3``, ``adapters``, ``prefix``, ``prompt``) ends
+with one ``METHOD = Method(...)`` (``prompt`` with two, ``PROMPT_TUNING`` and ``P_TUNING``):
+everything that saving and loading (:mod:`peft_minimal.io`), counting and merging need to know
+about it. :mod:`peft_minimal.registry` lists the methods, one line
 each, so adding a method touches its own file and that list, never ``io.py``.
 
 The description is data plus small functions, not a base class: a method stays a plain module
