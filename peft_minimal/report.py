@@ -73,14 +73,16 @@ def compare(a: str, runs_a: Sequence[dict], b: str, runs_b: Sequence[dict], n_te
     by_seed = paired(runs_a, runs_b)
     by_message = bootstrap_interval(correct_matrix(runs_a, n_test), correct_matrix(runs_b, n_test))
     same_side = (by_seed.low > 0 and by_message.low > 0) or (by_seed.high < 0 and by_message.high < 0)
+    shown = (by_seed, by_message)
     if not same_side:
         text = f"no difference measured at this size between {a} and {b}"
     elif by_seed.low > 0:
-        text = f"{a} beats {b}"
-    else:
-        text = f"{b} beats {a}"
+        text = f"{a} beats {b} by"
+    else:  # say it from the winner's side: b - a, both intervals flipped
+        text = f"{b} beats {a} by"
+        shown = tuple(Interval(-i.difference, -i.high, -i.low, i.n, i.how) for i in shown)
     return {"a": a, "b": b, "by_seed": by_seed, "by_message": by_message, "ranked": same_side,
-            "verdict": f"{text}: {by_seed} by seed, {by_message} over messages"}
+            "verdict": f"{text} {shown[0]} (paired by seed), {shown[1]} (bootstrap over test messages)"}
 
 
 def correct_matrix(runs: Sequence[dict], n: int) -> np.ndarray:

@@ -61,4 +61,4 @@ def test_compare_ranks_only_when_both_intervals_agree():
     assert result["by_seed"].low > 0 and not result["by_message"].excludes_zero()
     assert not result["ranked"] and result["verdict"].startswith("no difference measured at this size")
     result = report.compare("A", runs(0.1, 0.15, 0.2), "B", runs(0.9, 0.9, 0.9), n_test=100)
-    assert result["ranked"] and result["verdict"].startswith("B beats A")
+    assert result["ranked"] and result["verdict"].startswith("B beats A by +0.750 [")
