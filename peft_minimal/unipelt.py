@@ -52,7 +52,6 @@ from .method import Method, Shapes
 POOLINGS = ("masked", "mean")
 MASK_KWARG = "unipelt_token_mask"
 LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
-LAYERS = {"bert": r".*\.layer\.\d+", "llama": r".*\.layers\.\d+"}
 ATTENTION = {"bert": r".*\.layer\.\d+\.attention\.self", "llama": r".*\.layers\.\d+\.self_attn"}
 MARKERS = ("lora_", "adapter_", "prompt_encoder", "prefix_gate")
 
@@ -182,12 +181,13 @@ def _pass_mask(model: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
-def _give_mask(layer: nn.Module, args: tuple, kwargs: dict):
-    """Layer pre-hook: this layer's gates get the mask (again when checkpointing re-runs the layer)."""
+def _give_mask(attention: nn.Module, args: tuple, kwargs: dict):
+    """Attention pre-hook: the layer's gates (LoRA and prefix inside the attention, the adapter after it)
+    get the mask. On the attention, not the layer: transformers >= 5.24 checkpoints a layer's
+    ``forward``, outside its own hooks, so only hooks inside the layer run again in the recomputation."""
     mask = kwargs.pop(MASK_KWARG, None)
-    for m in layer.modules():
-        if isinstance(m, Gate):
-            m.token_mask = mask
+    for gate in attention.unipelt_gates:
+        gate.token_mask = mask
     return args, kwargs
 
 
@@ -217,15 +217,18 @@ def add_unipelt(model: nn.Module, config: UniPELTConfig) -> nn.Module:
         adapters.adapter_sites(model, "pfeiffer")  # raises for a model without the placement
     if config.prefix:  # refuses a prefix that leaves no positions before anything changes
         prefix.add_prefix(model, config.prefix_config())
-        for name, attention in find_target_modules(model, ATTENTION[fam]):
-            attention.prefix_gate = Gate(model.config.hidden_size, pooling, like)
-            attention.register_forward_pre_hook(_gate_prefix, with_kwargs=True)
     for name, linear in lora_found:
         replace_module(model, name, GatedLoRALinear(linear, config.r, config.lora_dropout, pooling))
     if config.adapter:
         adapters.add_adapters(model, config.bottleneck(), GatedBottleneck, pooling=pooling)
-    for _, layer in find_target_modules(model, LAYERS[fam]):
-        layer.register_forward_pre_hook(_give_mask, with_kwargs=True)
+    for name, attention in find_target_modules(model, ATTENTION[fam]):
+        attention.register_forward_pre_hook(_give_mask, with_kwargs=True)
+        if config.prefix:
+            attention.prefix_gate = Gate(model.config.hidden_size, pooling, like)
+            attention.register_forward_pre_hook(_gate_prefix, with_kwargs=True)
+        layer = model.get_submodule(re.match(r"(.*\.layers?\.\d+)\.", name).group(1))
+        # a plain tuple: the attention reaches its layer's gates without owning them as submodules
+        attention.unipelt_gates = tuple(m for m in layer.modules() if isinstance(m, Gate))
         layer.register_forward_hook(_drop_mask)
     model.register_forward_pre_hook(_pass_mask, with_kwargs=True)
     freeze_base(model, MARKERS, config.modules_to_save)
