@@ -232,13 +232,20 @@ def oracle(request):
     base_tensors, meta = read(f"{family}.safetensors")
     t, umeta = read(f"unipelt_{family}.safetensors")
     assert umeta["model_config"] == meta["model_config"] and torch.equal(t["input_ids"], base_tensors["input_ids"])
-    make = {"bert": lambda: BertForSequenceClassification(BertConfig(**meta["model_config"])),
-            "llama": lambda: LlamaForCausalLM(LlamaConfig(**meta["model_config"]))}[family]
-    base = make().eval()
+    # Llama eager, as the fixture: with left padding the pad positions' hidden states (rows of a fully
+    # masked attention) differ between eager and sdpa, and the reference's unmasked mean reads them
+    base = make_base(family, meta, base_tensors, "eager" if family == "llama" else "sdpa")
+    return family, t, umeta["adapter_configs"], base, base_tensors
+
+
+def make_base(family, meta, base_tensors, attn_implementation):
+    model_config = {**meta["model_config"], "attn_implementation": attn_implementation}
+    base = {"bert": BertForSequenceClassification, "llama": LlamaForCausalLM}[family](
+        {"bert": BertConfig, "llama": LlamaConfig}[family](**model_config)).eval()
     with torch.no_grad():
         for name, p in base.named_parameters():
             p.copy_(base_tensors[f"base.{name}"])
-    return family, t, umeta["adapter_configs"], base, base_tensors
+    return base
 
 
 def oracle_model(family, t, hub, base, case, pooling):
@@ -299,3 +306,21 @@ def test_masked_gates_give_adapterhubs_unpadded_outputs(oracle, case):
     torch.testing.assert_close(ours["logits"][1:], t[f"out.{case}.alone.logits"], atol=ORACLE_ATOL, rtol=0)
     torch.testing.assert_close(ours["hidden"][1:, :n], t[f"out.{case}.alone.hidden"], atol=ORACLE_ATOL, rtol=0)
     assert (t[f"out.{case}.alone.hidden"] - t[f"out.{case}.hidden"][1:, :n]).abs().max() > 100 * ORACLE_ATOL
+
+
+def test_the_references_mean_reads_what_attention_makes_of_padding(oracle):
+    """With left padding, a pad position's query sees no key: eager attention and sdpa fill that row
+    differently, and an unmasked mean over tokens reads it, so the reference's gates (and AdapterHub's)
+    change with the attention implementation. Masked gates never read pads: sdpa = eager."""
+    family, t, hub, _, base_tensors = oracle
+    if family != "llama":
+        pytest.skip("BERT's fixture is right-padded without a causal mask: no fully masked rows")
+    meta = read("llama.safetensors")[1]
+    real = t["attention_mask"].bool()
+    out = {(impl, pooling): hidden_and_logits(oracle_model(family, t, hub, make_base(family, meta, base_tensors, impl),
+                                                           "lora", pooling), t["input_ids"], t["attention_mask"],
+                                              family)["logits"]
+           for impl in ("sdpa", "eager") for pooling in ("mean", "masked")}
+    torch.testing.assert_close(out["eager", "mean"], t["out.lora.logits"][real], atol=ORACLE_ATOL, rtol=0)
+    assert (out["sdpa", "mean"] - out["eager", "mean"]).abs().max() > 1e-3
+    torch.testing.assert_close(out["sdpa", "masked"], out["eager", "masked"], atol=1e-6, rtol=0)
