@@ -4,17 +4,14 @@ Tuning" (ACL 2022, arXiv:2110.07577).
 Three PEFT families in every layer, each behind a learned gate, so the model chooses per layer and
 per example how much of each to use::
 
-               h (layer input)
-               │
-       ┌───────┴─────────────────── attention ─────────────────────────────┐
-       │  Q = W_q h + g_L·B_q A_q h     K = [g_P·P_k ; W_k h]               │  LoRA (query, value)
-       │                                V = [g_P·P_v ; W_v h + g_L·B_v A_v h]  prefix (K and V)
-       └───────┬───────────────────────────────────────────────────────────┘
-               │ + residual, norm
-       ┌───────┴────────────── FFN ──── + residual ─► z ─────────────────────┐
-       │                         out = z + g_A·f(z)   (Pfeiffer, LN placement │  adapter
-       │                                              as in adapters.py)      │
-       └──────────────────────────────────────────────────────────────────────┘
+    h ─► attention ─► (+ h, norm) ─► x ─► FFN ─► (+ x) ─► z ─► z + g_A·f(z) ─► next layer
+         │                                                     └ adapter (Pfeiffer), gate g_A
+         ├ Q = W_q h + g_L·B_q A_q h                  LoRA on q and v, a gate g_L each
+         ├ K = [ g_P·P_K ; W_k h ]                    prefix: P learned keys and values,
+         └ V = [ g_P·P_V ; W_v h + g_L·B_v A_v h ]    one gate g_P for both
+    (BERT: norm after each residual, Pfeiffer's LayerNorm arrangement as in adapters.py;
+     Llama: norm before each sub-block.)
+
     every gate  g = mean over tokens of sigmoid(w·x + b)  ∈ (0, 1), one per example (B, 1, 1),
     x = what its component reads: the q/v input (g_L, one gate each), the attention input (g_P,
     shared by K and V), the adapter input z (g_A).
@@ -87,11 +84,11 @@ class UniPELTConfig:
         self.prefix_config()  # checks num_virtual_tokens
 
     @classmethod
-    def AP(cls, **kwargs) -> "UniPELTConfig":
+    def AP(cls, **kwargs) -> UniPELTConfig:
         return cls(**{"lora": False, **kwargs})
 
     @classmethod
-    def APL(cls, **kwargs) -> "UniPELTConfig":
+    def APL(cls, **kwargs) -> UniPELTConfig:
         return cls(**kwargs)
 
     def bottleneck(self) -> BottleneckConfig:

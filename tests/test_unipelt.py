@@ -9,15 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from peft_minimal import count_parameters, load_adapter, prefix, registry, save_adapter, unipelt
 from peft_minimal.unipelt import UniPELTConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapters"
 MODELS = ["tiny_bert", "tiny_llama"]
-SMALL = dict(r=4, reduction_factor=8, num_virtual_tokens=3, encoder_hidden_size=8)
+SMALL = {"r": 4, "reduction_factor": 8, "num_virtual_tokens": 3, "encoder_hidden_size": 8}
 # right padding: real tokens keep positions 0..n-1 and (causal Llama) never see the pads, so
 # only the gates could notice the padding
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
@@ -128,6 +134,28 @@ def test_gate_values_come_back_from_each_forward(model_name, request, ids):
     assert all(m.token_mask is None for m in model.modules() if isinstance(m, unipelt.Gate))
 
 
+def test_deepcopy_is_independent(tiny_bert, ids):
+    model = randomise(add(tiny_bert))
+    copied = copy.deepcopy(model)
+    for m in copied.modules():  # each attention hands the mask to its own copy's gates
+        if hasattr(m, "unipelt_gates"):
+            assert all(any(g is c for c in copied.modules()) for g in m.unipelt_gates)
+    torch.testing.assert_close(logits(copied, ids, MASK), logits(model, ids, MASK), atol=0, rtol=0)
+    logits(copied, ids[:1])
+    assert all(g.shape == (3,) for g in unipelt.gate_values(model).values())
+
+
+def test_generate_runs_on_llama(tiny_llama):
+    """Decoding with a cache: each step's gates average over the tokens of that step (the reference,
+    an encoder, never decodes; a per-sequence gate would need the cached tokens' gate inputs)."""
+    model = randomise(add(tiny_llama))
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 8) and torch.equal(out[:, :5], ids)
+    assert all(g.shape == (2,) for g in unipelt.gate_values(model).values())
+
+
 def _grads(base, checkpoint_kwargs):
     torch.manual_seed(0)
     model = add(base, adapter_init="bert", modules_to_save=["classifier"] if "Bert" in type(base).__name__ else [])
@@ -223,7 +251,8 @@ def our_name(key):
 
 def read(name):
     with safe_open(str(FIXTURES / name), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+        return tensors, {k: json.loads(v) for k, v in f.metadata().items()}
 
 
 @pytest.fixture(scope="module", params=["bert", "llama"])
