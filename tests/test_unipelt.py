@@ -207,6 +207,19 @@ def test_save_load_round_trip(model_name, request, ids, tmp_path):
     assert torch.equal(logits(loaded, ids, MASK), logits(ours, ids, MASK))
 
 
+def test_trains_through_the_shared_loop(tiny_bert):
+    from torch.utils.data import TensorDataset
+
+    from peft_minimal.train import TrainConfig, train
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (48, 8), generator=g)
+    mask = (torch.arange(8) < torch.randint(4, 9, (48, 1), generator=g)).long()
+    data = TensorDataset(ids, mask, ids[:, 0] % 3)
+    model = unipelt.add_unipelt(tiny_bert, UniPELTConfig(**SMALL, modules_to_save=["classifier"]))
+    result = train(model, data, TrainConfig(steps=12, batch_size=16, lr=2e-2, progress=False), dev=torch.device("cpu"))
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+
+
 def test_bad_configurations_are_refused(tiny_bert, ids):
     with pytest.raises(ValueError, match="at least one of"):
         UniPELTConfig(lora=False, adapter=False, prefix=False)
