@@ -27,10 +27,20 @@ softmax mass (``exp(0)`` each), so the real tokens' attention weights shrink. Cl
 gates do give the base model exactly. An input-dependent gate cannot be merged into weights.
 
 How the gates see the padding: a forward pre-hook on the model passes the 2-D attention mask down
-as a keyword argument (transformers hands it to every layer); a pre-hook on each layer hands it to
-that layer's gates, so gradient checkpointing, which re-runs a layer, re-runs the hook too. Each
-gate keeps the values of its latest forward in ``.value`` (overwritten, detached, on device):
-:func:`gate_values` collects them for plots.
+as a keyword argument (transformers hands it to every layer and attention); a pre-hook on each
+attention hands it to its layer's gates (LoRA and prefix inside the attention, the adapter after
+it), so gradient checkpointing, which re-runs a layer's forward, re-runs that hook too. Each gate
+keeps the values of its latest forward in ``.value`` (overwritten, detached, on device):
+:func:`gate_values` collects them for plots. With ``generate``'s cache, a step's gates average over
+that step's tokens only (the reference, an encoder, never decodes).
+
+Where this differs from the reference code (morningmoni/UniPELT) and AdapterHub ``adapters`` 1.3.0,
+whose gates agree with the paper's placement (checked per component in ``tests/test_unipelt.py``):
+the masked mean (theirs: padding included); the prefix embedding is the KV width (peft's layout;
+theirs: ``hidden_size``, the same without grouped-query attention) and keeps peft's/AdapterHub's
+default init (the reference draws N(0, 0.02)); gates start with ``w ~ N(0, 0.02)``, ``b = 0`` (the
+reference; AdapterHub leaves PyTorch's uniform bias on the LoRA and prefix gates); gradient
+checkpointing keeps the prefix (the reference's checkpointing branch drops it).
 """
 from __future__ import annotations
 
