@@ -366,3 +366,15 @@ def test_the_references_mean_reads_what_attention_makes_of_padding(oracle):
     torch.testing.assert_close(out["eager", "mean"], t["out.lora.logits"][real], atol=ORACLE_ATOL, rtol=0)
     assert (out["sdpa", "mean"] - out["eager", "mean"]).abs().max() > 1e-3
     torch.testing.assert_close(out["sdpa", "masked"], out["eager", "masked"], atol=1e-6, rtol=0)
+
+
+def test_adapterhubs_closed_prefix_gate_is_not_the_identity_either(oracle):
+    """AdapterHub's gated prefix with its gates shut (bias -1e4): ours with the same weights and shut
+    gates gives the same outputs, and both differ from the base model (the zero keys' softmax mass)."""
+    family, t, hub, base, base_tensors = oracle
+    model = close_gates(oracle_model(family, t, hub, base, "prefix", "mean"), "prefix_gate")
+    real = t["attention_mask"].bool() if family == "llama" else slice(None)
+    ours = hidden_and_logits(model, t["input_ids"], t["attention_mask"], family)
+    torch.testing.assert_close(ours["hidden"], t["out.prefix_closed.hidden"][real], atol=ORACLE_ATOL, rtol=0)
+    torch.testing.assert_close(ours["logits"], t["out.prefix_closed.logits"][real], atol=ORACLE_ATOL, rtol=0)
+    assert (t["out.prefix_closed.hidden"][real] - base_tensors["out.base.hidden"][real]).abs().max() > 1e-3
