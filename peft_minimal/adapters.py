@@ -195,9 +195,12 @@ def adapter_sites(model: nn.Module, placement: str) -> list[str]:
     return [name for name, _ in find_target_modules(model, SITES[placement, FAMILIES[model_type]])]
 
 
-def add_adapters(model: nn.Module, config: BottleneckConfig) -> nn.Module:
+def add_adapters(model: nn.Module, config: BottleneckConfig, adapter_class: type[Bottleneck] = Bottleneck,
+                 **adapter_kwargs) -> nn.Module:
     """Put a :class:`Bottleneck` at every site of ``config.placement``, in place; only the adapters
-    (and ``config.modules_to_save``) train. Refused before anything changes if already added."""
+    (and ``config.modules_to_save``) train. Refused before anything changes if already added.
+    ``adapter_class`` (a :class:`Bottleneck` subclass, given ``adapter_kwargs``) is how UniPELT
+    puts its gated adapter in the same places."""
     sites = adapter_sites(model, config.placement)
     if any(isinstance(model.get_submodule(name), WRAPPERS) for name in sites):
         raise ValueError("model already has bottleneck adapters; adding them twice is not supported")
@@ -205,8 +208,8 @@ def add_adapters(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     for name in sites:
         module = model.get_submodule(name)
         like = next(module.parameters())
-        adapter = Bottleneck(dim, config.bottleneck_size(dim), config.non_linearity, config.scaling,
-                             config.init_weights, like)
+        adapter = adapter_class(dim, config.bottleneck_size(dim), config.non_linearity, config.scaling,
+                                config.init_weights, like, **adapter_kwargs)
         if config.placement == "houlsby":
             wrapper = SerialAdapter(module, adapter)
         elif isinstance(module, nn.LayerNorm):

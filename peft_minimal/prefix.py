@@ -121,14 +121,19 @@ class PrefixEncoder(nn.Module):
 
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, prefix_kv: torch.Tensor | None = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
+                     prefix_gate: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention with layer ``module.layer_idx``'s prefix in front of ``key``/``value``.
 
     ``key``, ``value``: ``(B, kv_heads, K, d)`` (after RoPE and the cache); ``attention_mask``: boolean
-    ``(B, 1, Q, K)`` (True: attend), or None when the model gave none (then no padding)."""
+    ``(B, 1, Q, K)`` (True: attend), or None when the model gave none (then no padding).
+    ``prefix_gate`` (UniPELT): one number per example, ``(B, 1, 1)``, that scales this layer's prefix
+    keys and values alike."""
     if prefix_kv is not None:
         b, P = query.shape[0], prefix_kv.shape[2]
         pk, pv = (prefix_kv[2 * module.layer_idx + i].to(key.dtype).expand(b, -1, -1, -1) for i in (0, 1))
+        if prefix_gate is not None:  # (B, 1, 1) -> (B, 1, 1, 1): the same gate for every head, K and V
+            gate = prefix_gate.to(key.dtype).unsqueeze(-1)
+            pk, pv = pk * gate, pv * gate
         if attention_mask is None:  # no padding: causal (aligned to the last key) or all visible
             q, k = query.shape[2], key.shape[2]
             attention_mask = torch.ones(q, k, dtype=torch.bool, device=query.device)

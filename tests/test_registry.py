@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peft_minimal
-from peft_minimal import adalora, adapters, ia3, load_adapter, lora, prefix, prompt, registry, save_adapter
+from peft_minimal import adalora, adapters, ia3, load_adapter, lora, prefix, prompt, registry, save_adapter, unipelt
 from peft_minimal.layers import freeze_base
 from peft_minimal.method import Method
 
@@ -18,7 +18,8 @@ CONFIGS = {"LORA": lambda: lora.LoRAConfig(r=4),
            "BOTTLENECK": lambda: adapters.BottleneckConfig(reduction_factor=8),
            "PREFIX_TUNING": lambda: prefix.PrefixTuningConfig(num_virtual_tokens=4),
            "PROMPT_TUNING": lambda: prompt.PromptTuningConfig(num_virtual_tokens=4),
-           "P_TUNING": lambda: prompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8)}
+           "P_TUNING": lambda: prompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8),
+           "UNIPELT": lambda: unipelt.UniPELTConfig(r=4, reduction_factor=8, num_virtual_tokens=4, encoder_hidden_size=8)}
 
 
 def test_every_registered_method_has_a_test_config():
@@ -50,7 +51,7 @@ def test_io_names_no_method():
     """Adding a method touches its own file and the registry, never io.py."""
     tree = ast.parse((Path(peft_minimal.__file__).parent / "io.py").read_text())
     imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
-    assert not imported & {"lora", "adalora", "ia3", "adapters", "prefix", "prompt"}
+    assert not imported & {"lora", "adalora", "ia3", "adapters", "prefix", "prompt", "unipelt"}
 
 
 @dataclass
@@ -117,7 +118,9 @@ LLAMA_CONFIGS = {"LORA": lambda m: lora.LoRAConfig(r=4, target_modules=["q_proj"
                  "BOTTLENECK": lambda m: adapters.BottleneckConfig(reduction_factor=8),
                  "PREFIX_TUNING": lambda m: prefix.PrefixTuningConfig(num_virtual_tokens=4),
                  "PROMPT_TUNING": lambda m: prompt.PromptTuningConfig(num_virtual_tokens=4),
-                 "P_TUNING": lambda m: prompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8)}
+                 "P_TUNING": lambda m: prompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8),
+                 "UNIPELT": lambda m: unipelt.UniPELTConfig(r=4, reduction_factor=8, num_virtual_tokens=4,
+                                                            encoder_hidden_size=8)}
 
 
 @pytest.mark.parametrize("peft_type", sorted(LLAMA_CONFIGS))
