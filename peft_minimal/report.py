@@ -75,7 +75,7 @@ def compare(a: str, runs_a: Sequence[dict], b: str, runs_b: Sequence[dict], n_te
     same_side = (by_seed.low > 0 and by_message.low > 0) or (by_seed.high < 0 and by_message.high < 0)
     shown = (by_seed, by_message)
     if not same_side:
-        text = f"no difference measured at this size between {a} and {b}"
+        text = f"no difference measured at this size between {a} and {b}:"
     elif by_seed.low > 0:
         text = f"{a} beats {b} by"
     else:  # say it from the winner's side: b - a, both intervals flipped
