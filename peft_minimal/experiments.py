@@ -20,7 +20,7 @@ import torch
 from . import adalora, fewshot, ia3, lora, svd
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
-from .models import load_encoder, use_mean_pooling
+from .models import device, load_encoder, use_mean_pooling  # noqa: F401 (chapters call experiments.device())
 from .record import environment
 from .train import TrainConfig, evaluate_accuracy, seed_everything, train
 
