@@ -24,3 +24,9 @@ def tiny_llama():
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 100, (4, 12), generator=g)
+
+
+@pytest.fixture
+def ids():
+    """Three rows of seven token ids, for the padding cases of the prefix and prompt tests."""
+    return torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(1))

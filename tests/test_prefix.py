@@ -15,11 +15,6 @@ MASKS = {"none": None,
          "left": torch.tensor([[1] * 7, [0] * 2 + [1] * 5, [0] * 4 + [1] * 3])}
 
 
-@pytest.fixture
-def ids():
-    return torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(1))
-
-
 def task(model):
     return "SEQ_CLS" if "Bert" in type(model).__name__ else "CAUSAL_LM"
 

@@ -16,11 +16,6 @@ MASKS = {"none": None,
 KINDS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm"]
 
 
-@pytest.fixture
-def ids():
-    return torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(1))
-
-
 def task(model):
     return "SEQ_CLS" if "Bert" in type(model).__name__ else "CAUSAL_LM"
 
