@@ -294,46 +294,55 @@ def plateau_check(record, spec: RunSpec, proto: Protocol) -> dict:
 
 
 def protocol_grid(proto: Protocol, record) -> None:
-    """The main grid of chapters 2-4, in the order the chapters need it; resumable.
+    """The main grid of chapters 1-4, in the order the chapters need it; resumable.
 
     1. K = 64 per class: the probe, LoRA r = 8 (q, v), the [CLS] head, full fine-tuning and
-       (IA)³, each at its tuned rate over 3 seeds; LoRA and full fine-tuning once more with twice
-       the steps (:func:`plateau_check`); the full run's updates cut to rank r (:func:`truncation`,
-       chapter 1); LoRA r = 8 and the head reading the masked mean of the
-       tokens (the probe's pooling) instead of [CLS] through the untrained pooler, each tuned;
-       LoRA's rank sweep (r = 1, 2, 4, 16) at LoRA r = 8's rate with alpha fixed, so only the
-       rank varies.
-    2. AdaLoRA against LoRA on all six matrix types at final budgets of average rank 2 and 8
-       (the paper's GLUE table in miniature), each at its own tuned rate; at budget 2, AdaLoRA
-       without its orthogonality penalty and without pruning (the SVD form alone), at
-       AdaLoRA's rate.
-    3. The same as 1 at K = 16 per class."""
+       (IA)³, each at its tuned rate over 3 seeds; the tuned full run's updates cut to rank r
+       (:func:`truncation`, chapter 1).
+    2. AdaLoRA against LoRA on all six matrix types at a final budget of average rank 2 (the
+       paper's lowest budget, where it claims the largest gap), each at its own tuned rate.
+    3. LoRA and full fine-tuning once more with twice the steps (:func:`plateau_check`).
+    4. At budget 2, AdaLoRA without its orthogonality penalty and without pruning (the SVD form
+       alone), at AdaLoRA's rate; then LoRA and AdaLoRA at budget 8.
+    5. LoRA r = 8 and the head reading the masked mean of the tokens (the probe's pooling)
+       instead of [CLS] through the untrained pooler, each tuned; LoRA's rank sweep
+       (r = 1, 2, 4, 16) at LoRA r = 8's rate with alpha fixed, so only the rank varies.
+    6. The same as 1, 3 and 5 at K = 16 per class."""
     def seeds_at(spec: RunSpec, lr: float) -> None:
         for seed in (0, 1, 2):
             s = replace(spec, lr=lr, seed=seed)
             record.run(proto.key(s), lambda s=s: run_protocol(s, proto, progress=True))
 
-    def block(k: int) -> None:
+    def baselines(k: int) -> None:
         for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k),
                      RunSpec("full", k=k), RunSpec("ia3", k=k)):
             tuned_runs(record, spec, proto=proto)
+        truncation(record, open_record("truncation", proto), RunSpec("full", k=k), proto)
+
+    def adalora_budget(budget: int) -> None:
+        for method in ("lora", "adalora"):
+            tuned_runs(record, RunSpec(method, k=64, r=budget, targets=ALL_SIX), proto=proto)
+
+    def pooling_and_rank(k: int) -> None:
         for spec in (RunSpec("lora", k=k, r=8), RunSpec("full", k=k)):
             plateau_check(record, spec, proto)
-        truncation(record, open_record("truncation", proto), RunSpec("full", k=k), proto)
         for spec in (RunSpec("lora", k=k, r=8, variant="mean-pool"), RunSpec("head", k=k, variant="mean-pool")):
             tuned_runs(record, spec, proto=proto)  # the probe's pooling, trained: separates pooling from adapting
         lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
         for r in (1, 2, 4, 16):
             seeds_at(RunSpec("lora", k=k, r=r), lr)
 
-    block(64)
-    for budget in (2, 8):
-        for method in ("lora", "adalora"):
-            tuned_runs(record, RunSpec(method, k=64, r=budget, targets=ALL_SIX), proto=proto)
+    baselines(64)
+    adalora_budget(2)
+    for spec in (RunSpec("lora", k=64, r=8), RunSpec("full", k=64)):
+        plateau_check(record, spec, proto)
     lr = tuned_lr(record, RunSpec("adalora", k=64, r=2, targets=ALL_SIX), proto=proto)
     for variant in ("no-penalty", "no-pruning"):
         seeds_at(RunSpec("adalora", k=64, r=2, targets=ALL_SIX, variant=variant), lr)
-    block(16)
+    adalora_budget(8)
+    pooling_and_rank(64)
+    baselines(16)
+    pooling_and_rank(16)
 
 
 PROTOCOL_GRIDS = {"protocol": protocol_grid}
