@@ -50,11 +50,12 @@ def accuracies(runs: Sequence[dict]) -> list[float]:
 
 def summary(name: str, runs: Sequence[dict]) -> dict:
     """One table row: trainable parameters, rate, test accuracy mean ± std over seeds, and
-    whether every learning curve had flattened."""
+    whether every learning curve had flattened (``None`` for runs without a curve: the probe)."""
     mean, std = mean_std(accuracies(runs))
+    curves = [r["curve"] for r in runs if "curve" in r]
     return {"name": name, "trainable": runs[0]["trainable"], "lr": runs[0]["spec"].get("lr"),
             "seeds": len(runs), "mean": mean, "std": std,
-            "plateaued": all(plateaued(r["curve"]) for r in runs if "curve" in r)}
+            "plateaued": all(plateaued(c) for c in curves) if curves else None}
 
 
 def paired(runs_a: Sequence[dict], runs_b: Sequence[dict]) -> Interval:
@@ -90,6 +91,9 @@ def correct_matrix(runs: Sequence[dict], n: int) -> np.ndarray:
     return np.stack([unpack_correct(r["test_correct"], n) for r in runs])
 
 
+PLATEAU_MARK = {True: "yes", False: "no", None: "—"}  # None: no learning curve (the probe)
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """Rows of :func:`summary` as a Markdown table (rendered by the book via ``IPython.display``)."""
     lines = ["| configuration | trainable | rate | test accuracy (mean ± std) | seeds | plateaued |",
@@ -97,7 +101,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     for row in rows:
         rate = f"{row['lr']:g}" if row["lr"] else "—"
         lines.append(f"| {row['name']} | {row['trainable']:,} | {rate} | {row['mean']:.3f} ± {row['std']:.3f} "
-                     f"| {row['seeds']} | {'yes' if row['plateaued'] else 'no'} |")
+                     f"| {row['seeds']} | {PLATEAU_MARK[row['plateaued']]} |")
     return "\n".join(lines)
 
 
@@ -107,3 +111,18 @@ def plot_curves(ax, runs: Sequence[dict], label: str, color=None) -> None:
     values = np.array([[p["val_accuracy"] for p in r["curve"]] for r in runs])
     line, = ax.plot(steps, values.mean(0), marker="o", ms=3, label=f"{label} ({len(runs)} seeds)", color=color)
     ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
+
+
+def plot_intervals(ax, comparisons: Sequence[dict]) -> None:
+    """Each :func:`compare` result as two horizontal 95% intervals of accuracy(a) - accuracy(b):
+    paired by seed (thick) and bootstrap over test messages (thin); a pair is ranked only where
+    both clear the dashed zero line on the same side."""
+    for row, result in enumerate(reversed(list(comparisons))):
+        for interval, offset, width in ((result["by_seed"], 0.12, 5), (result["by_message"], -0.12, 1.5)):
+            color = "C0" if result["ranked"] else "grey"
+            ax.plot([interval.low, interval.high], [row + offset] * 2, color=color, lw=width, solid_capstyle="butt")
+            ax.plot(interval.difference, row + offset, "o", color=color, ms=4)
+    ax.axvline(0, color="black", ls="--", lw=0.8)
+    ax.set_yticks(range(len(comparisons)))
+    ax.set_yticklabels([f"{c['a']} − {c['b']}" for c in reversed(list(comparisons))])
+    ax.set_xlabel("test accuracy difference, 95% interval (thick: by seed, thin: over messages)")

@@ -49,16 +49,39 @@ def test_summary_paired_interval_and_table(record):
     assert interval.difference == pytest.approx(0.7 - 0.5667, abs=1e-3) and interval.n == 3
     table = report.markdown_table([row])
     assert "| LoRA | 100 | 0.003 | 0.700 ± 0.100 | 3 | yes |" in table
+    probe = [{k: v for k, v in r.items() if k != "curve"} for r in lora]  # a probe has no curve
+    assert report.summary("probe", probe)["plateaued"] is None
+    assert report.markdown_table([report.summary("probe", probe)]).endswith("| 3 | — |")
     assert report.correct_matrix(lora, 10).sum(1).tolist() == [6, 7, 8]
 
 
+def runs(*accs, n=100):
+    """Seeded runs with these test accuracies on ``n`` messages (the first ones right)."""
+    return [{"spec": {"seed": s}, "test_accuracy": a, "test_correct": pack_correct(
+        torch.tensor([0] * round(a * n) + [1] * (n - round(a * n))), [0] * n)} for s, a in enumerate(accs)]
+
+
 def test_compare_ranks_only_when_both_intervals_agree():
-    def runs(*accs, n=100):
-        return [{"spec": {"seed": s}, "test_accuracy": a, "test_correct": pack_correct(
-            torch.tensor([0] * round(a * n) + [1] * (n - round(a * n))), [0] * n)} for s, a in enumerate(accs)]
     # one message better on every seed: the seed interval excludes 0, 100 messages cannot
     result = report.compare("A", runs(0.51, 0.52, 0.53), "B", runs(0.50, 0.51, 0.52), n_test=100)
     assert result["by_seed"].low > 0 and not result["by_message"].excludes_zero()
     assert not result["ranked"] and result["verdict"].startswith("no difference measured at this size")
     result = report.compare("A", runs(0.1, 0.15, 0.2), "B", runs(0.9, 0.9, 0.9), n_test=100)
     assert result["ranked"] and result["verdict"].startswith("B beats A by +0.750 [")
+
+
+def test_plot_intervals_draws_both_intervals_per_comparison():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [report.compare("A", runs(0.1, 0.15, 0.2), "B", runs(0.9, 0.9, 0.9), n_test=100),
+               report.compare("C", runs(0.5, 0.6, 0.4), "B", runs(0.5, 0.5, 0.5), n_test=100)]
+    fig, ax = plt.subplots()
+    report.plot_intervals(ax, results)
+    segments = [line.get_xdata() for line in ax.lines if len(line.get_xdata()) == 2 and line.get_linestyle() == "-"]
+    lows_highs = sorted((float(lo), float(hi)) for lo, hi in segments)
+    assert len(lows_highs) == 4  # two intervals for each comparison
+    assert (results[0]["by_seed"].low, results[0]["by_seed"].high) in lows_highs
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["C − B", "A − B"]
+    plt.close(fig)
