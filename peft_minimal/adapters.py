@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .layers import find_target_modules, freeze_base, replace_module
-from .method import Method, Shapes
+from .method import Method, Shapes, refuse_merge
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -230,20 +230,11 @@ def adapter_layers(model: nn.Module) -> dict[str, Bottleneck]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Bottleneck)}
 
 
-def merge(model: nn.Module) -> None:
-    """Refuses: ``W_up act(W_down x)`` is not linear in ``x``, so no weight matrix absorbs it."""
-    raise ValueError("a bottleneck adapter cannot be merged into the base weights: its non-linearity makes "
-                     "f(x) = W_up act(W_down x) non-linear in x, so no matrix W' gives W'x = Wx + f(Wx); "
-                     "keep the adapter at inference (LoRA and (IA)³ can merge)")
-
-
-def unmerge(model: nn.Module) -> None:
-    merge(model)
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    merge(model)
-    return model
+# Refuses: ``W_up act(W_down x)`` is not linear in ``x``, so no weight matrix absorbs it.
+merge, unmerge, merge_and_unload = refuse_merge(
+    "a bottleneck adapter cannot be merged into the base weights: its non-linearity makes "
+    "f(x) = W_up act(W_down x) non-linear in x, so no matrix W' gives W'x = Wx + f(Wx); "
+    "keep the adapter at inference (LoRA and (IA)³ can merge)")
 
 
 # --- how the rest of the package sees bottleneck adapters: our own saved layout ---

@@ -26,6 +26,18 @@ def keep_all(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return tensors
 
 
+def refuse_merge(why: str) -> tuple[Callable, Callable, Callable]:
+    """``merge``, ``unmerge`` and ``merge_and_unload`` for a method no weight matrix can absorb:
+    each raises ``ValueError(why)``, so the error says what the method adds that merging cannot."""
+    def merge(model: nn.Module) -> None:
+        raise ValueError(why)
+
+    def merge_and_unload(model: nn.Module) -> nn.Module:
+        raise ValueError(why)
+
+    return merge, merge, merge_and_unload
+
+
 @dataclass(frozen=True)
 class Method:
     """What the package needs to know about one PEFT method.

@@ -39,7 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .layers import freeze_base
-from .method import Method, Shapes
+from .method import Method, Shapes, refuse_merge
 
 ATTENTION = "peft_minimal_prefix"  # the name both functions are registered under
 
@@ -230,20 +230,11 @@ def remove_prefix(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module) -> None:
-    """Refuses: a prefix adds keys and values to attend to, not a change of any weight."""
-    raise ValueError("prefix tuning cannot be merged into the base weights: it adds P key/value positions "
-                     "that every token attends to (softmax over more keys), which no weight change reproduces; "
-                     "keep the prefix at inference, or remove_prefix(model) for the plain model")
-
-
-def unmerge(model: nn.Module) -> None:
-    merge(model)
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    merge(model)
-    return model
+# Refuses: a prefix adds keys and values to attend to, not a change of any weight.
+merge, unmerge, merge_and_unload = refuse_merge(
+    "prefix tuning cannot be merged into the base weights: it adds P key/value positions "
+    "that every token attends to (softmax over more keys), which no weight change reproduces; "
+    "keep the prefix at inference, or remove_prefix(model) for the plain model")
 
 
 # --- how the rest of the package sees prefix tuning: peft's PREFIX_TUNING layout ---

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .layers import freeze_base
-from .method import Method, Shapes
+from .method import Method, Shapes, refuse_merge
 
 
 @dataclass
@@ -169,19 +169,10 @@ def remove_prompt(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module) -> None:
-    """Refuses: a soft prompt is extra input, not a change of any weight."""
-    raise ValueError("a soft prompt cannot be merged into the base weights: it adds P input positions that every "
-                     "token attends to; keep it at inference, or remove_prompt(model) for the plain model")
-
-
-def unmerge(model: nn.Module) -> None:
-    merge(model)
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    merge(model)
-    return model
+# Refuses: a soft prompt is extra input, not a change of any weight.
+merge, unmerge, merge_and_unload = refuse_merge(
+    "a soft prompt cannot be merged into the base weights: it adds P input positions that every "
+    "token attends to; keep it at inference, or remove_prompt(model) for the plain model")
 
 
 # --- how the rest of the package sees soft prompts: peft's PROMPT_TUNING and P_TUNING layouts ---

@@ -54,7 +54,7 @@ from . import adapters, prefix
 from .adapters import Bottleneck, BottleneckConfig
 from .layers import check_linear_targets, find_target_modules, freeze_base, replace_module, target_linears
 from .lora import LoRALinear
-from .method import Method, Shapes
+from .method import Method, Shapes, refuse_merge
 
 POOLINGS = ("masked", "mean")
 MASK_KWARG = "unipelt_token_mask"
@@ -256,19 +256,10 @@ def gate_values(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     return dict(sorted(found.items()))
 
 
-def merge(model: nn.Module | None) -> None:
-    """Refuses: each gate depends on the input, and the adapter and prefix are not weight changes."""
-    raise ValueError("UniPELT cannot be merged into the base weights: its gates depend on the input (a different "
-                     "LoRA scale per example), the adapter is non-linear and the prefix adds attention positions")
-
-
-def unmerge(model: nn.Module) -> None:
-    merge(model)
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    merge(model)
-    return model
+# Refuses: each gate depends on the input, and the adapter and prefix are not weight changes.
+merge, unmerge, merge_and_unload = refuse_merge(
+    "UniPELT cannot be merged into the base weights: its gates depend on the input (a different "
+    "LoRA scale per example), the adapter is non-linear and the prefix adds attention positions")
 
 
 # --- how the rest of the package sees UniPELT: our own layout (peft has no UniPELT) ---
