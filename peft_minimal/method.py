@@ -1,6 +1,6 @@
 """How a PEFT method describes itself to the rest of the package.
 
-Each method module (``lora``, ``adalora``, ``ia3``, ``adapters``, ``prefix``, ``prompt``, ``unipelt``) ends
+Each method module (``lora``, ``adalora``, ``ia3``, ``adapters``, ``prefix``, ``prompt``, ``unipelt``, ``bitfit``) ends
 with one ``METHOD = Method(...)`` (``prompt`` with two, ``PROMPT_TUNING`` and ``P_TUNING``):
 everything that saving and loading (:mod:`peft_minimal.io`), counting and merging need to know
 about it. :mod:`peft_minimal.registry` lists the methods, one line

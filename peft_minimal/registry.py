@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adalora, adapters, ia3, lora, prefix, prompt, unipelt
+from . import adalora, adapters, bitfit, ia3, lora, prefix, prompt, unipelt
 from .method import Method
 
 METHODS: dict[str, Method] = {m.peft_type: m for m in (
@@ -20,6 +20,7 @@ METHODS: dict[str, Method] = {m.peft_type: m for m in (
     prompt.PROMPT_TUNING,
     prompt.P_TUNING,
     unipelt.METHOD,
+    bitfit.METHOD,
 )}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peft_minimal
-from peft_minimal import adalora, adapters, ia3, load_adapter, lora, prefix, prompt, registry, save_adapter, unipelt
+from peft_minimal import adalora, adapters, bitfit, ia3, load_adapter, lora, prefix, prompt, registry, save_adapter, unipelt
 from peft_minimal.layers import freeze_base
 from peft_minimal.method import Method
 
@@ -19,7 +19,8 @@ CONFIGS = {"LORA": lambda: lora.LoRAConfig(r=4),
            "PREFIX_TUNING": lambda: prefix.PrefixTuningConfig(num_virtual_tokens=4),
            "PROMPT_TUNING": lambda: prompt.PromptTuningConfig(num_virtual_tokens=4),
            "P_TUNING": lambda: prompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8),
-           "UNIPELT": lambda: unipelt.UniPELTConfig(r=4, reduction_factor=8, num_virtual_tokens=4, encoder_hidden_size=8)}
+           "UNIPELT": lambda: unipelt.UniPELTConfig(r=4, reduction_factor=8, num_virtual_tokens=4, encoder_hidden_size=8),
+           "BITFIT": lambda: bitfit.BitFitConfig()}
 
 
 def test_every_registered_method_has_a_test_config():
@@ -51,7 +52,7 @@ def test_io_names_no_method():
     """Adding a method touches its own file and the registry, never io.py."""
     tree = ast.parse((Path(peft_minimal.__file__).parent / "io.py").read_text())
     imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
-    assert not imported & {"lora", "adalora", "ia3", "adapters", "prefix", "prompt", "unipelt"}
+    assert not imported & {"lora", "adalora", "ia3", "adapters", "prefix", "prompt", "unipelt", "bitfit"}
 
 
 @dataclass
