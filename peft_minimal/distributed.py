@@ -40,6 +40,7 @@ rows: a run with dropout is a faithful sample of the same training, not the same
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Iterator, Sized
 
@@ -116,15 +117,17 @@ class ShardedBatches:
         return len(self.batches)
 
 
-def sharded_loader(dataset: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+def sharded_loader(dataset: Dataset, batch_size: int, generator: torch.Generator,
+                   shard: int | None = None, shards: int | None = None) -> DataLoader:
     """The training loop's loader (shuffled, last partial batch dropped, order from ``generator``)
-    cut into this rank's shard of each global batch of ``batch_size`` rows.
+    cut into shard ``shard`` of ``shards`` (default: this rank of the group) of each global batch.
 
     It draws from ``generator`` exactly as ``DataLoader(dataset, batch_size, shuffle=True,
     drop_last=True, generator=generator)`` does, so the global batches are the same.
     """
     batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
-    return DataLoader(dataset, batch_sampler=ShardedBatches(batches, rank(), world_size()), generator=generator)
+    shard, shards = (rank() if shard is None else shard), (world_size() if shards is None else shards)
+    return DataLoader(dataset, batch_sampler=ShardedBatches(batches, shard, shards), generator=generator)
 
 
 def unused_parameters(model: nn.Module, inputs: dict) -> list[str]:
@@ -151,10 +154,14 @@ def wrap(model: nn.Module, dev: torch.device, inputs: dict | None = None) -> nn.
     """``DistributedDataParallel(model)``, with ``find_unused_parameters`` only if a probe forward
     on ``inputs`` leaves some trainable parameter unused (see the module docstring)."""
     find_unused = bool(unused_parameters(model, inputs)) if inputs is not None else False
-    # broadcast_buffers=False: the buffers (position ids, ...) belong to the frozen base and are
-    # the same on every rank, so re-sending rank 0's before every forward would be wasted traffic
+    # The buffers (position ids, ...) belong to the frozen base and are the same on every rank:
+    # re-sending rank 0's before every forward would be wasted traffic (torch >= 2.13 names the
+    # switch forward_sync_buffers, older releases broadcast_buffers).
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                   find_unused_parameters=find_unused, broadcast_buffers=False)
+                                   find_unused_parameters=find_unused, **no_buffer_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
