@@ -1,4 +1,5 @@
-"""One training run of the torchrun tests (tests/test_distributed.py), LoRA or AdaLoRA on a tiny BERT.
+"""One training run of the torchrun tests (tests/test_distributed.py) on a tiny BERT: LoRA, AdaLoRA,
+or AdaLoRA without its orthogonality penalty (``adalora-no-penalty``).
 
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT``
 writes ``OUT/rank<r>.pt`` from each process; :func:`run` called in one process is the reference.
@@ -14,6 +15,7 @@ from peft_minimal import adalora, distributed, lora
 from peft_minimal.train import TrainConfig, seed_everything, train
 
 STEPS, BATCH = 10, 16
+METHODS = ("lora", "adalora", "adalora-no-penalty")
 
 
 def toy(n, seed):
@@ -34,13 +36,14 @@ def run(method: str) -> dict:
     if method == "lora":
         lora.add_lora(model, lora.LoRAConfig(r=4, alpha=8, target_modules=["query", "value"],
                                              modules_to_save=["classifier"]))
-    else:  # as grid.run_protocol wires it: allocator hook and orthogonality penalty
+    else:  # as grid.run_protocol wires it: allocator hook and (unless no-penalty) orthogonality penalty
         cfg = adalora.AdaLoRAConfig(init_r=6, target_r=3, alpha=12, total_step=STEPS, tinit=1, tfinal=2,
                                     orth_reg_weight=0.1, target_modules=["query", "key", "value"],
                                     modules_to_save=["classifier"])
         adalora.add_adalora(model, cfg)
         allocator = adalora.RankAllocator(model, cfg)
-        extra = lambda m: 0.1 * adalora.orthogonal_regularization(m)  # noqa: E731
+        if method == "adalora":
+            extra = lambda m: 0.1 * adalora.orthogonal_regularization(m)  # noqa: E731
 
         def hook(m, step):
             allocator.update_and_allocate(m, step)
@@ -56,7 +59,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     distributed.setup()
     out = Path(sys.argv[1])
-    records = {method: run(method) for method in ("lora", "adalora")}
+    records = {method: run(method) for method in METHODS}
     records["world_size"] = distributed.world_size()
     torch.save(records, out / f"rank{distributed.rank()}.pt")  # every rank, so the test can compare them
     distributed.cleanup()
