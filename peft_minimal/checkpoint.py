@@ -6,12 +6,16 @@ holds all of it, so that on one machine the resumed run is the unbroken run, bit
     trainable weights      adapter and task head (the frozen base is rebuilt by the
                            script, from the same seed, before it resumes)
     optimizer, scheduler   AdamW's moments and step count; the learning-rate position
-    after_step's state     when the hook is a method of an object with ``state_dict()``:
+    the hooks' state       every object of ``Checkpointing.stateful``, and the object
+                           behind ``after_step`` when the hook is one of its methods:
                            AdaLoRA's RankAllocator (score averages, rank pattern, history)
     data order             the loader generator's state at the start of the current pass
                            over the data, and how many batches of that pass were taken
     random generators      torch (CPU and CUDA), Python's and NumPy's: dropout's draws
     the record so far      losses, learning curve, best point and its weights
+
+A hook that calls the allocator from a function of its own hides it from the loop: pass the
+allocator in ``stateful`` then, or a resumed run starts its scores afresh.
 
 Resuming replays the pass's order from its saved start and skips the batches already
 taken, rather than saving the order itself: the loader draws from its generator when a pass
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,10 +46,21 @@ class Checkpointing:
     ``directory`` whenever a checkpoint is there.
 
     ``every``: save after every ``every`` optimizer steps (0: only where the run stops, which
-    is ``config.stop_at`` or the end)."""
+    is ``config.stop_at`` or the end). ``stateful``: more objects with ``state_dict()`` and
+    ``load_state_dict()`` to save and restore, by name (see the module docstring)."""
 
     directory: str | Path
     every: int = 0
+    stateful: dict[str, Any] = field(default_factory=dict)
+
+    def objects(self, after_step: Callable | None) -> dict[str, Any]:
+        """``stateful``, plus the object behind ``after_step`` if it is a stateful one's method."""
+        found = dict(self.stateful)
+        owner = getattr(after_step, "__self__", None)
+        if hasattr(owner, "state_dict") and hasattr(owner, "load_state_dict") and \
+                all(owner is not obj for obj in found.values()):
+            found["after_step"] = owner
+        return found
 
     @property
     def path(self) -> Path:
@@ -66,13 +81,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state(states["numpy"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def stateful(hook: Callable | None):
-    """The object behind ``hook`` if it is a bound method of something with ``state_dict`` and
-    ``load_state_dict`` (e.g. ``RankAllocator.update_and_allocate``), else ``None``."""
-    owner = getattr(hook, "__self__", None)
-    return owner if hasattr(owner, "state_dict") and hasattr(owner, "load_state_dict") else None
 
 
 def save(checkpointing: Checkpointing, state: dict[str, Any]) -> None:

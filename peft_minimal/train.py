@@ -139,10 +139,10 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     since_eval: list[float] = []
     skip = 0  # batches of the current pass already taken (resuming)
-    allocator = checkpoint.stateful(after_step)
+    stateful = checkpointing.objects(after_step) if checkpointing is not None else {}
     saved = checkpoint.load(checkpointing) if checkpointing is not None else None
     if saved is not None:
-        skip = _resume(saved, config, model, optimizer, scheduler, allocator, generator, result, dev)
+        skip = _resume(saved, config, model, optimizer, scheduler, stateful, generator, result, dev)
         best, since_eval = saved["best"], saved["since_eval"]
     net = model
     if distributed.is_distributed():  # the method is added and frozen already: now wrap
@@ -194,7 +194,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
                 checkpoint.save(checkpointing, {
                     "config": asdict(config), "step": result.steps, "trainable": trainable_state(model),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "after_step": allocator.state_dict() if allocator is not None else None,
+                    "stateful": {name: obj.state_dict() for name, obj in stateful.items()},
                     "epoch_start": epoch_start, "taken": taken, "rng": checkpoint.rng_states(),
                     "losses": result.losses, "curve": result.curve, "best_step": result.best_step,
                     "best": best, "since_eval": since_eval})
@@ -213,20 +213,21 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
     return result
 
 
-def _resume(saved: dict, config: TrainConfig, model: nn.Module, optimizer, scheduler, allocator,
+def _resume(saved: dict, config: TrainConfig, model: nn.Module, optimizer, scheduler, stateful: dict,
             generator: torch.Generator, result: TrainResult, dev: torch.device) -> int:
     """Put a checkpoint back (see :mod:`peft_minimal.checkpoint`); returns the batches to skip."""
     same = ("steps", "batch_size", "lr", "seed", "warmup_ratio", "weight_decay", "eval_every")
     mismatch = {k: (saved["config"][k], getattr(config, k)) for k in same if saved["config"][k] != getattr(config, k)}
     if mismatch:
         raise ValueError(f"the checkpoint was made with another configuration (saved, now): {mismatch}")
-    if (saved["after_step"] is None) != (allocator is None):
-        raise ValueError("the checkpoint's after_step state does not match this run's after_step hook")
+    if saved["stateful"].keys() != stateful.keys():
+        raise ValueError(f"the checkpoint holds the state of {sorted(saved['stateful'])}, "
+                         f"this run has {sorted(stateful)} (Checkpointing.stateful, the after_step hook)")
     model.load_state_dict(saved["trainable"], strict=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    if allocator is not None:
-        allocator.load_state_dict(checkpoint.to_device(saved["after_step"], dev))
+    for name, obj in stateful.items():
+        obj.load_state_dict(checkpoint.to_device(saved["stateful"][name], dev))
     generator.set_state(saved["epoch_start"])
     result.steps, result.losses = saved["step"], saved["losses"]
     result.curve, result.best_step = saved["curve"], saved["best_step"]

@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
 from peft_minimal import adalora, distributed, lora
+from peft_minimal.checkpoint import Checkpointing
 from peft_minimal.train import TrainConfig, seed_everything, train
 
 STEPS, BATCH = 10, 16
@@ -26,13 +27,13 @@ def toy(n, seed):
     return TensorDataset(ids, mask, ids[:, 0] % 3)
 
 
-def run(method: str) -> dict:
+def run(method: str, checkpoint_dir: Path | None = None, stop_at: int | None = None) -> dict:
     torch.manual_seed(0)  # conftest's tiny BERT
     model = BertForSequenceClassification(BertConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
         num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     seed_everything(0)
-    extra, hook, patterns = None, None, []
+    extra, hook, patterns, stateful = None, None, [], {}
     if method == "lora":
         lora.add_lora(model, lora.LoRAConfig(r=4, alpha=8, target_modules=["query", "value"],
                                              modules_to_save=["classifier"]))
@@ -42,15 +43,17 @@ def run(method: str) -> dict:
                                     modules_to_save=["classifier"])
         adalora.add_adalora(model, cfg)
         allocator = adalora.RankAllocator(model, cfg)
+        stateful = {"allocator": allocator}  # the hook below hides it from the loop
         if method == "adalora":
             extra = lambda m: 0.1 * adalora.orthogonal_regularization(m)  # noqa: E731
 
         def hook(m, step):
             allocator.update_and_allocate(m, step)
             patterns.append(dict(allocator.rank_pattern or {}))  # the mask after every step
-    config = TrainConfig(steps=STEPS, batch_size=BATCH, lr=2e-2, progress=False, eval_every=5)
+    config = TrainConfig(steps=STEPS, batch_size=BATCH, lr=2e-2, progress=False, eval_every=5, stop_at=stop_at)
     result = train(model, toy(96, 0), config, extra_loss=extra, after_step=hook, dev=torch.device("cpu"),
-                   validation=toy(30, 5))
+                   validation=toy(30, 5),
+                   checkpointing=Checkpointing(checkpoint_dir, stateful=stateful) if checkpoint_dir else None)
     return {"losses": result.losses, "curve": result.curve, "best_step": result.best_step,
             "state": {k: v.clone() for k, v in model.state_dict().items()}, "patterns": patterns}
 
@@ -60,6 +63,8 @@ if __name__ == "__main__":
     distributed.setup()
     out = Path(sys.argv[1])
     records = {method: run(method) for method in METHODS}
+    run("adalora", out / "checkpoint", stop_at=4)  # rank 0 writes it, both ranks resume from it
+    records["adalora-resumed"] = run("adalora", out / "checkpoint")
     records["world_size"] = distributed.world_size()
     torch.save(records, out / f"rank{distributed.rank()}.pt")  # every rank, so the test can compare them
     distributed.cleanup()

@@ -84,3 +84,13 @@ def test_allocator_state_round_trips(tiny_bert):
     assert other.rank_pattern == allocator.rank_pattern and other.history == allocator.history
     for name, value in allocator.exp_avg_unc.items():
         assert torch.equal(other.exp_avg_unc[name], value)
+
+
+def test_resuming_without_the_saved_hook_state_is_an_error(tiny_bert, tmp_path):
+    """A hook that hides its allocator in a closure must name it in ``stateful``, or resuming refuses."""
+    config = TrainConfig(steps=4, batch_size=16, lr=2e-2, progress=False)
+    holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # anything with a state_dict
+    run(tiny_bert, "lora", TrainConfig(**{**config.__dict__, "stop_at": 2}),
+        Checkpointing(tmp_path, stateful={"allocator": holder}))
+    with pytest.raises(ValueError, match="holds the state of"):
+        run(tiny_bert, "lora", config, Checkpointing(tmp_path))

@@ -75,6 +75,27 @@ def test_adalora_masks_are_the_same_on_every_rank_at_every_step(ranks, one_proce
     assert rank0 == one_process[method]["patterns"]  # and they are one process's masks
 
 
+def test_a_run_resumed_under_torchrun_is_the_unbroken_run(ranks):
+    """AdaLoRA stopped at step 4 (rank 0 saves), then resumed by both ranks from that one file."""
+    for rank in ranks:
+        whole, resumed = rank["adalora"], rank["adalora-resumed"]
+        assert resumed["losses"] == whole["losses"] and resumed["curve"] == whole["curve"]
+        assert resumed["patterns"] == whole["patterns"][4:]  # the allocator went on where it stopped
+        for name in whole["state"]:
+            assert torch.equal(resumed["state"][name], whole["state"][name]), name
+
+
+def test_only_unused_trainable_parameters_turn_on_find_unused_parameters(tiny_bert):
+    from peft_minimal import lora
+    inputs = {"input_ids": torch.randint(1, 100, (2, 6)), "labels": torch.tensor([0, 1])}
+    model = lora.add_lora(tiny_bert, lora.LoRAConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    assert distributed.unused_parameters(model, inputs) == []
+    model.bert.spare = torch.nn.Linear(2, 2)  # trainable, never called by forward
+    state = torch.get_rng_state()
+    assert distributed.unused_parameters(model, inputs) == ["bert.spare.bias", "bert.spare.weight"]
+    assert torch.equal(torch.get_rng_state(), state)  # the probe draws nothing the run would see
+
+
 def test_shards_make_up_the_one_process_batches():
     data = TensorDataset(torch.arange(44))  # 5 batches of 8 and 4 rows dropped, each pass
 
