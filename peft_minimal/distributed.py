@@ -29,9 +29,9 @@ appendix "Scaling out"):
   averaged gradient is the gradient of the whole batch: the run is the one-process run,
   up to the order of floating-point sums;
 * ``find_unused_parameters`` only where some trainable parameter stays out of the forward
-  graph (:func:`unused_parameters`): it makes DDP walk the graph after every forward, and
-  with it on, a parameter used only outside the forward (AdaLoRA's orthogonality penalty
-  is computed on the unwrapped model) would be reported ready twice;
+  graph (:func:`unused_parameters`, e.g. a trainable module the model never calls): without
+  it DDP would wait for that gradient forever, with it DDP walks the graph after every
+  forward, a cost every other run need not pay;
 * helpers, the allocator and saving see the unwrapped model (:func:`unwrap`); only rank 0
   prints and saves (:func:`is_main`).
 
