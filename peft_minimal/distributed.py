@@ -30,8 +30,8 @@ appendix "Scaling out"):
   up to the order of floating-point sums;
 * ``find_unused_parameters`` only where some trainable parameter stays out of the forward
   graph (:func:`unused_parameters`, e.g. a trainable module the model never calls): without
-  it DDP would wait for that gradient forever, with it DDP walks the graph after every
-  forward, a cost every other run need not pay;
+  it DDP stops at the next step with "Expected to have finished reduction in the prior
+  iteration"; with it DDP walks the graph after every forward, a cost other runs need not pay;
 * helpers, the allocator and saving see the unwrapped model (:func:`unwrap`); only rank 0
   prints and saves (:func:`is_main`).
 
