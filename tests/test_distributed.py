@@ -39,8 +39,12 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process():
-    torch.set_num_threads(1)
-    return {method: ddp_worker.run(method) for method in ddp_worker.METHODS}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker
+    try:
+        yield {method: ddp_worker.run(method) for method in ddp_worker.METHODS}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", ddp_worker.METHODS)
