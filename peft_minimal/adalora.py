@@ -263,6 +263,17 @@ class RankAllocator:
             keep = torch.tensor(self.rank_pattern[f"{n}.lora_E"], device=layers[n].lora_E.device)
             layers[n].lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
 
+    def state_dict(self) -> dict:
+        """Everything the allocator carries from step to step (for checkpoint and resume)."""
+        return {"sensitivity": self.sensitivity, "exp_avg_ipt": self.exp_avg_ipt, "exp_avg_unc": self.exp_avg_unc,
+                "rank_pattern": self.rank_pattern, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sensitivity = dict(state["sensitivity"])
+        self.exp_avg_ipt, self.exp_avg_unc = dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        self.rank_pattern = state["rank_pattern"]
+        self.history = [tuple(h) for h in state["history"]]
+
     def update_and_allocate(self, model: nn.Module, step: int) -> int:
         """Score, then prune to the budget of ``step``; from ``total_step − tfinal`` on, freeze
         the final pattern (and keep re-applying it). Returns the budget of this step."""

@@ -16,21 +16,29 @@ validation split picks the step, the test split is never seen here.
 
 A batch of three tensors is (input ids, attention mask, labels) for classification; a
 batch of one tensor is a block of token ids for causal language modelling.
+
+The same loop runs under ``torchrun`` (see :mod:`peft_minimal.distributed`): after
+``distributed.setup()`` it wraps the model in DDP, gives each process its shard of every
+batch and averages the logged numbers over the processes. Given a
+:class:`~peft_minimal.checkpoint.Checkpointing`, it saves what a step depends on and resumes
+from it (see :mod:`peft_minimal.checkpoint`). Neither changes a one-process run's numbers.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
+from . import checkpoint, distributed
+from .checkpoint import Checkpointing
 from .models import device as default_device
 
 
@@ -96,11 +104,15 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
           extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
           after_step: Callable[[nn.Module, int], None] | None = None,
-          dev: torch.device | None = None, validation: Dataset | None = None) -> TrainResult:
+          dev: torch.device | None = None, validation: Dataset | None = None,
+          checkpointing: Checkpointing | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad for ``config.steps`` optimizer steps.
 
     With ``validation`` and ``config.eval_every > 0`` it also records the learning curve
     (see the module docstring) and, if ``config.keep_best``, restores the best point's weights.
+    With ``checkpointing`` it saves there and, if a checkpoint is there already, resumes from it.
+    Inside a process group (``torchrun``) ``model`` is the plain model, with its method added:
+    the loop wraps it in DDP itself, and the hooks, evaluation and the result see it unwrapped.
     """
     dev = dev or default_device()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,21 +126,44 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
     warmup = int(config.warmup_ratio * config.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: linear_schedule(s, config.steps, warmup))
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(config.seed))
+    generator = torch.Generator().manual_seed(config.seed)
+    if distributed.is_distributed():
+        loader = distributed.sharded_loader(dataset, config.batch_size, generator)
+    else:
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                            generator=generator)
     use_bf16 = config.bf16 and dev.type == "cuda"
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     result = TrainResult()
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     since_eval: list[float] = []
+    skip = 0  # batches of the current pass already taken (resuming)
+    stateful = checkpointing.objects(after_step) if checkpointing is not None else {}
+    saved = checkpoint.load(checkpointing) if checkpointing is not None else None
+    if saved is not None:
+        skip = _resume(saved, config, model, optimizer, scheduler, stateful, generator, result, dev)
+        best, since_eval = saved["best"], saved["since_eval"]
+    net = model
+    if distributed.is_distributed():  # the method is added and frozen already: now wrap
+        share = config.batch_size // distributed.world_size()
+        net = distributed.wrap(model, dev, model_inputs(default_collate([dataset[i] for i in range(share)]), dev))
+    if saved is not None:
+        checkpoint.set_rng_states(saved["rng"])
     start = time.perf_counter()
     last = min(config.stop_at or config.steps, config.steps)
-    bar = tqdm(total=last, disable=not config.progress, mininterval=2.0, desc="train")
+    bar = tqdm(total=last, initial=result.steps, disable=not (config.progress and distributed.is_main()),
+               mininterval=2.0, desc="train")
     while result.steps < last:
-        for batch in loader:
+        epoch_start = generator.get_state()  # a checkpoint replays this pass's order from here
+        batches = iter(loader)
+        for _ in range(skip):
+            next(batches)
+        taken, skip = skip, 0
+        for batch in batches:
+            taken += 1
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**model_inputs(batch, dev)).loss
+                loss = net(**model_inputs(batch, dev)).loss
                 if extra_loss is not None:
                     loss = loss + extra_loss(model)
             loss.backward()
@@ -139,10 +174,11 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
             if after_step is not None:
                 after_step(model, result.steps)
             optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss.item())
-            since_eval.append(loss.item())
+            value = distributed.mean(loss.detach())  # loss.item() in one process
+            result.losses.append(value)
+            since_eval.append(value)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
             if config.eval_every and (result.steps % config.eval_every == 0 or result.steps == config.steps):
                 scores = evaluate(model, validation, config.eval_batch_size, dev)
                 model.train()
@@ -153,9 +189,19 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
                 if eligible and (best is None or scores.accuracy > best[0]):  # ties keep the earlier point
                     best = (scores.accuracy, trainable_state(model))
                     result.best_step = result.steps
+            if checkpointing is not None and (result.steps == last or (
+                    checkpointing.every and result.steps % checkpointing.every == 0)):
+                checkpoint.save(checkpointing, {
+                    "config": asdict(config), "step": result.steps, "trainable": trainable_state(model),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "stateful": {name: obj.state_dict() for name, obj in stateful.items()},
+                    "epoch_start": epoch_start, "taken": taken, "rng": checkpoint.rng_states(),
+                    "losses": result.losses, "curve": result.curve, "best_step": result.best_step,
+                    "best": best, "since_eval": since_eval})
             if result.steps >= last:
                 break
     bar.close()
+    del net  # a DDP wrapper; its gradient hooks go with it
     result.seconds = time.perf_counter() - start
     if best is not None and config.keep_best:
         model.load_state_dict(best[1], strict=False)
@@ -167,6 +213,27 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig,
     return result
 
 
+def _resume(saved: dict, config: TrainConfig, model: nn.Module, optimizer, scheduler, stateful: dict,
+            generator: torch.Generator, result: TrainResult, dev: torch.device) -> int:
+    """Put a checkpoint back (see :mod:`peft_minimal.checkpoint`); returns the batches to skip."""
+    same = ("steps", "batch_size", "lr", "seed", "warmup_ratio", "weight_decay", "eval_every")
+    mismatch = {k: (saved["config"][k], getattr(config, k)) for k in same if saved["config"][k] != getattr(config, k)}
+    if mismatch:
+        raise ValueError(f"the checkpoint was made with another configuration (saved, now): {mismatch}")
+    if saved["stateful"].keys() != stateful.keys():
+        raise ValueError(f"the checkpoint holds the state of {sorted(saved['stateful'])}, "
+                         f"this run has {sorted(stateful)} (Checkpointing.stateful, the after_step hook)")
+    model.load_state_dict(saved["trainable"], strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    for name, obj in stateful.items():
+        obj.load_state_dict(checkpoint.to_device(saved["stateful"][name], dev))
+    generator.set_state(saved["epoch_start"])
+    result.steps, result.losses = saved["step"], saved["losses"]
+    result.curve, result.best_step = saved["curve"], saved["best_step"]
+    return saved["taken"]
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every trainable parameter (what a run changes), keyed as in ``state_dict``."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -175,18 +242,34 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128,
              dev: torch.device | None = None) -> Evaluation:
-    """Accuracy, mean cross-entropy and the predicted label of every example of ``dataset``."""
+    """Accuracy, mean cross-entropy and the predicted label of every example of ``dataset``.
+
+    Inside a process group each process reads every w-th example and the sums are all-reduced,
+    so every process gets the whole data set's numbers."""
     dev = dev or default_device()
     model.to(dev).eval()
+    if distributed.is_distributed():
+        shard = Subset(dataset, distributed.strided_indices(len(dataset)))
+        predictions, correct, loss_sum = _evaluation_sums(model, DataLoader(shard, batch_size=batch_size), dev)
+        totals = distributed.sum_over_ranks(torch.tensor([correct, loss_sum], dtype=torch.float64))
+        everyone = distributed.gather_strided(torch.cat([torch.empty(0, dtype=torch.long), *predictions]),
+                                              len(dataset))
+        return Evaluation(int(totals[0]) / len(dataset), totals[1].item() / len(dataset), everyone)
+    predictions, correct, loss_sum = _evaluation_sums(model, DataLoader(dataset, batch_size=batch_size), dev)
+    return Evaluation(correct / len(dataset), loss_sum / len(dataset), torch.cat(predictions))
+
+
+def _evaluation_sums(model: nn.Module, loader: DataLoader, dev: torch.device) -> tuple[list[torch.Tensor], int, float]:
+    """Predicted labels (one tensor a batch), correct count and summed cross-entropy."""
     predictions, correct, loss_sum = [], 0, 0.0
-    for batch in DataLoader(dataset, batch_size=batch_size):
+    for batch in loader:
         inputs = model_inputs(batch, dev)
         labels = inputs.pop("labels")
         logits = model(**inputs).logits.float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         predictions.append(logits.argmax(-1).cpu())
         correct += (predictions[-1] == labels.cpu()).sum().item()
-    return Evaluation(correct / len(dataset), loss_sum / len(dataset), torch.cat(predictions))
+    return predictions, correct, loss_sum
 
 
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 128,
