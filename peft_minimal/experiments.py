@@ -14,10 +14,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
-from . import adalora, fewshot, ia3, lora, svd
+from . import adalora, adapters, fewshot, ia3, lora, prefix, prompt, svd, unipelt
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder, use_mean_pooling  # noqa: F401 (chapters call experiments.device())
@@ -77,40 +79,105 @@ def adalora_config(target_r: int, steps: int, targets: tuple[str, ...] = ALL_SIX
                                  target_modules=list(targets), modules_to_save=["classifier"])
 
 
+@dataclass(frozen=True)
+class Options:
+    """What :func:`prepare` hands a method's builder besides the model."""
+
+    r: int
+    targets: tuple[str, ...]
+    steps: int
+    alpha: float | None
+    variant: str
+
+
+@dataclass(frozen=True)
+class Builder:
+    """How :func:`prepare` applies one method to MiniLM: ``apply(model, options)`` in place;
+    ``seeded``: the method's init draws random numbers, so ``seed_everything(seed)`` runs first."""
+
+    apply: Callable[[nn.Module, Options], object]
+    seeded: bool = True
+
+
+def head() -> list[str]:
+    """``modules_to_save``: the new, random task head trains with every method (a fresh list each time)."""
+    return ["classifier"]
+
+
+def _head_only(model: nn.Module, o: Options) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("classifier.")
+
+
+def _adalora(model: nn.Module, o: Options) -> None:
+    config = adalora_config(o.r, o.steps, o.targets)
+    if o.variant == "no-penalty":
+        config = replace(config, orth_reg_weight=0.0)
+    elif o.variant == "no-pruning":  # rank r throughout; target_r is then never used
+        config = replace(config, init_r=o.r, target_r=o.r - 1, alpha=2 * o.r)
+    elif o.variant:
+        raise ValueError(f"AdaLoRA variant must be '', 'no-penalty' or 'no-pruning', got {o.variant!r}")
+    adalora.add_adalora(model, config)
+
+
+# Chapter 5's methods at the UniPELT paper's settings (Mao et al. 2022; their code's defaults), on
+# MiniLM: the Pfeiffer adapter of reduction factor 16 (bottleneck 384 / 16 = 24; the paper's 48 on
+# BERT-base), ReLU, BERT's N(0, 0.02) init; a prefix of 10 tokens through an MLP of width 512,
+# positions not shifted; LoRA r = 8 on query and value. The stand-alone adapter and prefix are
+# UniPELT's own components without their gates, so the comparison isolates the gates. Houlsby:
+# AdapterHub's DoubleSeqBn (two adapters a layer, swish) at the same size and init. Prompt tuning:
+# 20 soft tokens (peft's default; Lester et al. find gains level off around 20), peft's random init.
+ADAPTER = unipelt.UniPELTConfig().bottleneck()
+PREFIX = unipelt.UniPELTConfig().prefix_config()
+PROMPT_TOKENS = 20
+
+
+def unipelt_config(**changes) -> unipelt.UniPELTConfig:
+    """UniPELT-APL at the paper's settings (the library's defaults), the head trained; ``lora=False``: AP."""
+    return unipelt.UniPELTConfig(**{"modules_to_save": head(), **changes})
+
+
+BUILDERS: dict[str, Builder] = {
+    "head": Builder(_head_only, seeded=False),
+    "full": Builder(lambda model, o: None, seeded=False),
+    "lora": Builder(lambda model, o: lora.add_lora(model, lora.LoRAConfig(  # seeded: lora_A's Kaiming draw
+        r=o.r, alpha=o.alpha or 2 * o.r, target_modules=list(o.targets), modules_to_save=head()))),
+    "adalora": Builder(_adalora),  # seeded: P and Q's normal draws
+    "ia3": Builder(lambda model, o: ia3.add_ia3(model, ia3.IA3Config.for_model(model, modules_to_save=head())),
+                   seeded=False),  # the vectors start at one: nothing is drawn
+    "pfeiffer": Builder(lambda model, o: adapters.add_adapters(model, replace(ADAPTER, modules_to_save=head()))),
+    "houlsby": Builder(lambda model, o: adapters.add_adapters(model, replace(
+        ADAPTER, placement="houlsby", non_linearity="swish", modules_to_save=head()))),
+    "prefix": Builder(lambda model, o: prefix.add_prefix(model, replace(PREFIX, modules_to_save=head()))),
+    "prompt": Builder(lambda model, o: prompt.add_prompt(
+        model, prompt.PromptTuningConfig(PROMPT_TOKENS, modules_to_save=head()))),
+    "unipelt-ap": Builder(lambda model, o: unipelt.add_unipelt(model, unipelt_config(lora=False))),
+    "unipelt-apl": Builder(lambda model, o: unipelt.add_unipelt(model, unipelt_config())),
+}
+
+
 def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("query", "value"),
             steps: int = 100, alpha: float | None = None, variant: str = ""):
-    """MiniLM with a seeded head and the method applied: ``head``, ``lora``, ``adalora``
-    (``r`` is the target rank; the schedule needs the run's ``steps``), ``ia3`` or ``full``.
-    LoRA's ``alpha`` defaults to ``2 r``; a rank sweep that varies only the rank fixes it.
-    ``variant="mean-pool"`` classifies the masked mean of the tokens (:func:`use_mean_pooling`).
-    AdaLoRA's ablations (``variant``): ``no-penalty`` drops the orthogonality term,
-    ``no-pruning`` trains P Λ Q at rank ``r`` from the start (no allocator will run)."""
+    """MiniLM with a seeded head and the method applied, one of :data:`BUILDERS`: ``head``,
+    ``lora``, ``adalora`` (``r`` is the target rank; the schedule needs the run's ``steps``),
+    ``ia3``, ``full``, and chapter 5's ``pfeiffer``, ``houlsby``, ``prefix``, ``prompt``,
+    ``unipelt-ap``, ``unipelt-apl`` (the paper's settings: ``r`` and ``targets`` are LoRA's and
+    AdaLoRA's alone). LoRA's ``alpha`` defaults to ``2 r``; a rank sweep that varies only the
+    rank fixes it. ``variant="mean-pool"`` classifies the masked mean of the tokens
+    (:func:`use_mean_pooling`). AdaLoRA's ablations (``variant``): ``no-penalty`` drops the
+    orthogonality term, ``no-pruning`` trains P Λ Q at rank ``r`` from the start (no allocator
+    will run)."""
+    if method not in BUILDERS:
+        raise ValueError(f"method must be one of {', '.join(BUILDERS)}; got {method!r}")
     model, tokenizer = load_encoder(num_labels=20, seed=seed)
     if variant == "mean-pool":  # the head reads the masked mean of the tokens, not [CLS] via the pooler
         use_mean_pooling(model)
     elif variant and method != "adalora":
         raise ValueError(f"variant must be '' or 'mean-pool' for {method}, got {variant!r}")
-    if method == "head":
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("classifier.")
-    elif method == "lora":
-        seed_everything(seed)  # lora_A's Kaiming draw
-        lora.add_lora(model, lora.LoRAConfig(r=r, alpha=alpha or 2 * r, target_modules=list(targets),
-                                             modules_to_save=["classifier"]))
-    elif method == "ia3":
-        ia3.add_ia3(model, ia3.IA3Config.for_model(model, modules_to_save=["classifier"]))
-    elif method == "adalora":
-        seed_everything(seed)  # P and Q's normal draws
-        config = adalora_config(r, steps, targets)
-        if variant == "no-penalty":
-            config = replace(config, orth_reg_weight=0.0)
-        elif variant == "no-pruning":  # rank r throughout; target_r is then never used
-            config = replace(config, init_r=r, target_r=r - 1, alpha=2 * r)
-        elif variant:
-            raise ValueError(f"AdaLoRA variant must be '', 'no-penalty' or 'no-pruning', got {variant!r}")
-        adalora.add_adalora(model, config)
-    elif method != "full":
-        raise ValueError(f"method must be head, lora, adalora, ia3 or full, got {method!r}")
+    build = BUILDERS[method]
+    if build.seeded:
+        seed_everything(seed)
+    build.apply(model, Options(r, tuple(targets), steps, alpha, variant))
     return model, tokenizer
 
 

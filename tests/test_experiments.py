@@ -18,8 +18,38 @@ def test_prepare_methods():
     assert count_parameters(lora8)[0] == 6 * 2 * 8 * (384 + 384) + 384 * 20 + 20
     full, _ = experiments.prepare("full")
     assert count_parameters(full)[0] == count_parameters(full)[1]
-    with pytest.raises(ValueError, match="method"):
-        experiments.prepare("prompt")
+    with pytest.raises(ValueError, match="method must be one of head, full, lora, .*unipelt-apl; got 'bitfit'"):
+        experiments.prepare("bitfit")
+
+
+# MiniLM: 6 layers, hidden 384, FFN 1536; the head 384 x 20 + 20. A bottleneck adapter is
+# 2 d b + b + d with b = 384 / 16 = 24; a gate is d + 1; the prefix MLP 384 -> 512 -> 6 x 2 x 384.
+ADAPTER, GATE, HEAD = 2 * 384 * 24 + 24 + 384, 384 + 1, 384 * 20 + 20
+PREFIX = 10 * 384 + (384 * 512 + 512) + (512 * 4608 + 4608)
+NEW_METHODS = {"pfeiffer": (6 * ADAPTER, ("adapter_",)),
+               "houlsby": (12 * ADAPTER, ("adapter_",)),
+               "prefix": (PREFIX, ("prompt_encoder",)),
+               "prompt": (20 * 384, ("prompt_encoder",)),
+               "unipelt-ap": (PREFIX + 6 * GATE + 6 * (ADAPTER + GATE), ("prompt_encoder", "prefix_gate", "adapter_")),
+               "unipelt-apl": (PREFIX + 6 * GATE + 6 * (ADAPTER + GATE) + 12 * (2 * 8 * 384 + GATE),
+                               ("prompt_encoder", "prefix_gate", "adapter_", "lora_"))}
+
+
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_prepare_chapter5_methods_train_only_their_parameters_and_the_head(method):
+    import torch
+    count, markers = NEW_METHODS[method]
+    model, tokenizer = experiments.prepare(method, seed=3)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {n for n in trainable if n.startswith("classifier.")} == {"classifier.weight", "classifier.bias"}
+    assert all(any(m in n for m in markers) for n in trainable if not n.startswith("classifier."))
+    assert count_parameters(model)[0] == count + HEAD
+    torch.manual_seed(99)  # seeded inside: the same seed gives the same method parameters
+    again, _ = experiments.prepare(method, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    batch = tokenizer(["a short message", "and a longer one about orbits"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (2, 20)
 
 
 def test_missing_record_says_how_to_make_it():
