@@ -31,8 +31,9 @@ as a keyword argument (transformers hands it to every layer and attention); a pr
 attention hands it to its layer's gates (LoRA and prefix inside the attention, the adapter after
 it), so gradient checkpointing, which re-runs a layer's forward, re-runs that hook too. Each gate
 keeps the values of its latest forward in ``.value`` (overwritten, detached, on device):
-:func:`gate_values` collects them for plots. With ``generate``'s cache, a step's gates average over
-that step's tokens only (the reference, an encoder, never decodes).
+:func:`gate_values` collects them for plots, :func:`mean_gate_values` averages them over a data
+set. With ``generate``'s cache, a step's gates average over that step's tokens only (the
+reference, an encoder, never decodes).
 
 Where this differs from the reference code (morningmoni/UniPELT) and AdapterHub ``adapters`` 1.3.0,
 whose gates agree with the paper's placement (checked per component in ``tests/test_unipelt.py``):
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -254,6 +256,26 @@ def gate_values(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
             component = {"lora_gate": f"lora.{owner}", "adapter_gate": "adapter", "prefix_gate": "prefix"}[kind]
             found[layer, component] = m.value
     return dict(sorted(found.items()))
+
+
+@torch.no_grad()
+def mean_gate_values(model: nn.Module, batches: Iterable[dict]) -> dict[str, list[float]]:
+    """Every gate averaged over all the examples of ``batches`` (keyword arguments of ``model``), in
+    eval mode: ``component -> [layer 0, layer 1, ...]``, the layout of a plot of gates per layer."""
+    was_training = model.training
+    model.eval()
+    sums: dict[tuple[int, str], float] = {}
+    counts: dict[tuple[int, str], int] = {}
+    for inputs in batches:
+        model(**inputs)
+        for key, g in gate_values(model).items():
+            sums[key] = sums.get(key, 0.0) + g.double().sum().item()
+            counts[key] = counts.get(key, 0) + g.numel()
+    model.train(was_training)
+    means: dict[str, list[float]] = {}
+    for layer, component in sorted(sums):  # by layer, so each list is indexed by layer
+        means.setdefault(component, []).append(sums[layer, component] / counts[layer, component])
+    return means
 
 
 # Refuses: each gate depends on the input, and the adapter and prefix are not weight changes.

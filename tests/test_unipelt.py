@@ -378,3 +378,19 @@ def test_adapterhubs_closed_prefix_gate_is_not_the_identity_either(oracle):
     torch.testing.assert_close(ours["hidden"], t["out.prefix_closed.hidden"][real], atol=ORACLE_ATOL, rtol=0)
     torch.testing.assert_close(ours["logits"], t["out.prefix_closed.logits"][real], atol=ORACLE_ATOL, rtol=0)
     assert (t["out.prefix_closed.hidden"][real] - base_tensors["out.base.hidden"][real]).abs().max() > 1e-3
+
+
+def test_mean_gate_values_average_every_gate_over_all_batches_by_layer(tiny_bert, tokens):
+    model = unipelt.add_unipelt(tiny_bert, unipelt.UniPELTConfig())
+    mask = torch.ones_like(tokens)
+    mask[1:, 8:] = 0
+    with torch.no_grad():
+        model(input_ids=tokens, attention_mask=mask)  # all four rows at once (masked means: per row)
+    whole = {key: g.mean().item() for key, g in unipelt.gate_values(model).items()}
+    model.train()
+    means = unipelt.mean_gate_values(model, ({"input_ids": tokens[i:i + 2], "attention_mask": mask[i:i + 2]}
+                                             for i in (0, 2)))
+    assert model.training  # left as it was found
+    assert sorted(means) == ["adapter", "lora.query", "lora.value", "prefix"]
+    for component, per_layer in means.items():
+        assert per_layer == pytest.approx([whole[layer, component] for layer in (0, 1)], abs=1e-6)
