@@ -316,10 +316,10 @@ def load_record(name: str, scale: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(GRIDS) + ["protocol"])
+    parser.add_argument("name", choices=sorted(GRIDS) + ["protocol", "unipelt"])
     parser.add_argument("--scale", choices=sorted(SCALES), default=current_scale().name)
     args = parser.parse_args(argv)
-    if args.name == "protocol":  # the resumable protocol grid lives in grid.py
+    if args.name in ("protocol", "unipelt"):  # the resumable protocol grids live in grid.py
         from . import grid
         return grid.main([args.name, "--scale", args.scale])
     start = time.time()

@@ -6,7 +6,9 @@ class of the pool left after the validation split (``protocol.carve_validation``
 learning curve on validation, keeps the best point and reads the whole test split once.
 :func:`tuned_lr` picks each method's rate on validation alone; :func:`tuned_runs` adds seeds.
 :func:`protocol_grid` is the grid chapters 1-4 read, written run by run to
-``results/protocol-<scale>.json`` so that a grid cut off anywhere resumes where it stopped::
+``results/protocol-<scale>.json`` so that a grid cut off anywhere resumes where it stopped;
+:func:`unipelt_grid` (``python -m peft_minimal.grid unipelt``) is chapter 5's, in
+``results/unipelt-<scale>.json``::
 
     rate grid (seed 0, validation only) ──► best rate ──► its kept weights read on test
                                                   └─────► seeds 1, 2 at that rate, read on test
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import adalora
+from . import adalora, unipelt
 from .data import load_text_classification, tokenize
 from .experiments import ALL_SIX, SCALES, current_scale, prepare, record_path
 from .layers import count_parameters
@@ -65,7 +67,17 @@ PROTOCOLS = {
 
 # Each method's learning-rate grid (≥ 3 values, a factor of ~3 apart), searched on validation.
 LR_GRIDS = {"head": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2), "adalora": (1e-3, 3e-3, 1e-2),
-            "ia3": (1e-2, 3e-2, 1e-1), "full": (3e-5, 1e-4, 3e-4)}
+            "ia3": (1e-2, 3e-2, 1e-1), "full": (3e-5, 1e-4, 3e-4),
+            # chapter 5 (unipelt_grid). Adapters: the papers' 1e-4..1e-3, times LoRA's shift at this
+            # scale (its papers' ~5e-4 became 3e-3 here). Prompt tuning: a few input vectors need
+            # large rates (peft's 3e-2; Lester et al. 0.3). A prefix trained through its MLP (and so
+            # UniPELT, which holds one) is the exception: its 2.4M-parameter MLP moves the prefix
+            # fast, and in a 20-step pilot loss stayed at ln 20 at 1e-2 (UniPELT) and 3e-2 (prefix)
+            # where the Pfeiffer adapter alone at 1e-2 fell from 3.0 to 2.2. Papers train prefixes
+            # below 1e-3 (Li & Liang: ~5e-5); the random head shares the rate and must still learn
+            # in 200 steps, so the grid starts at 3e-4 (tuned_lr extends it past an edge).
+            "pfeiffer": (1e-3, 3e-3, 1e-2), "houlsby": (1e-3, 3e-3, 1e-2), "prompt": (1e-2, 3e-2, 1e-1),
+            "prefix": (3e-4, 1e-3, 3e-3), "unipelt-ap": (3e-4, 1e-3, 3e-3), "unipelt-apl": (3e-4, 1e-3, 3e-3)}
 LORA_ALPHA = 16  # fixed across ranks (LoRA §4.1): a rank sweep varies only the rank
 
 
@@ -73,7 +85,7 @@ LORA_ALPHA = 16  # fixed across ranks (LoRA §4.1): a rank sweep varies only the
 class RunSpec:
     """One fine-tuning (or probe) run of the protocol; its :meth:`key` names it in a record."""
 
-    method: str  # probe, head, lora, adalora, ia3, full
+    method: str  # probe, or a method of experiments.BUILDERS (head, lora, ..., unipelt-apl)
     lr: float = 0.0
     seed: int = 0
     k: int | None = None
@@ -133,7 +145,7 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
     kept weights go to :func:`state_path` so :func:`finish_on_test` can read it later.
     ``stop_at`` ends the run early on its full schedule, without test: a cheap live re-check of
     the first points of a recorded learning curve."""
-    from .protocol import few_shot, plateaued
+    from .protocol import StepClock, few_shot, plateaued
 
     proto = proto or current_protocol()
     if spec.method == "probe":
@@ -154,16 +166,20 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
             hook = adalora.RankAllocator(model, model.peft_config).update_and_allocate
             # only points with the final budget may be kept, or a run could end above its budget
             config = replace(config, keep_best_after=steps - model.peft_config.tfinal)
-    result = train(model, train_set, config, extra_loss=extra_loss, after_step=hook, validation=val_set)
+    clock = StepClock(hook)
+    result = train(model, train_set, config, extra_loss=extra_loss, after_step=clock, validation=val_set)
     kept = next(point for point in result.curve if point["step"] == result.best_step)
     trainable, total = count_parameters(model)
     record = {"spec": asdict(spec), "steps": steps, "train_config": asdict(config), "curve": result.curve,
               "best_step": result.best_step, "val_accuracy": kept["val_accuracy"], "val_loss": kept["val_loss"],
               "plateaued": plateaued(result.curve), "trainable": trainable, "total": total,
-              "train_seconds": result.seconds, "train_examples": len(train_set)}
+              "train_seconds": result.seconds, "seconds_per_step": clock.seconds_per_step(),
+              "train_examples": len(train_set)}
     if spec.method == "adalora":
         record["ranks"] = adalora.ranks(model)
         record["final_adapter_parameters"] = adalora.kept_parameters(model)
+    if spec.method.startswith("unipelt"):
+        record["gates"] = validation_gates(model, val_set)
     if stop_at is not None:  # a partial replay: neither the test split nor kept weights
         return (record, model) if return_model else record
     if read_test:
@@ -173,6 +189,22 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(trainable_state(model), path)
     return (record, model) if return_model else record
+
+
+GATE_MESSAGES = 256  # validation messages the recorded gate means average over (one extra pass)
+
+
+def validation_gates(model, val_set, n: int = GATE_MESSAGES, batch_size: int = 64) -> dict[str, list[float]]:
+    """UniPELT's gates at the model's (kept) weights, each averaged over the first ``n`` validation
+    messages: ``component -> one mean per layer`` (:func:`unipelt.mean_gate_values`)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .train import model_inputs
+
+    dev = next(model.parameters()).device
+    loader = DataLoader(Subset(val_set, range(min(n, len(val_set)))), batch_size=batch_size)
+    batches = ({k: v for k, v in model_inputs(b, dev).items() if k != "labels"} for b in loader)
+    return {c: [round(g, 5) for g in gs] for c, gs in unipelt.mean_gate_values(model, batches).items()}
 
 
 def score_on_test(model, proto: Protocol) -> dict:
@@ -345,7 +377,20 @@ def protocol_grid(proto: Protocol, record) -> None:
     adalora_budget(8)  # chapter 6's second budget (the paper's 1.27M of DeBERTaV3-base, in miniature)
 
 
-PROTOCOL_GRIDS = {"protocol": protocol_grid}
+UNIPELT_METHODS = ("pfeiffer", "houlsby", "prefix", "prompt", "unipelt-ap", "unipelt-apl")
+
+
+def unipelt_grid(proto: Protocol, record) -> None:
+    """Chapter 5's grid, resumable: at K = 16 per class, then K = 64, the Pfeiffer and Houlsby
+    adapters, prefix and prompt tuning, UniPELT-AP and -APL, each at its tuned rate over 3 seeds
+    (:func:`tuned_runs`). The baselines (probe, LoRA r = 8, full, head) are the main grid's, at
+    the same protocol: ``report.final_runs_in`` reads a configuration from either record."""
+    for k in (16, 64):
+        for method in UNIPELT_METHODS:
+            tuned_runs(record, RunSpec(method, k=k), proto=proto)
+
+
+PROTOCOL_GRIDS = {"protocol": protocol_grid, "unipelt": unipelt_grid}
 
 
 def open_record(name: str, proto: Protocol):

@@ -11,7 +11,8 @@ Every comparison in the book goes through this module, so every chapter measures
    from the rest with its own seed, so seeds vary the data as well as the initialisation.
 2. **Learning curves and steps**: each run evaluates on validation every ``eval_every`` steps
    and keeps its best validation point (``train.TrainConfig.keep_best``); :func:`plateaued`
-   says whether the curve had flattened by the end.
+   says whether the curve had flattened by the end; :class:`StepClock` times a training step
+   without the curve's validation passes.
 3. **Tuned rates** (:func:`best_learning_rate`): each method gets the rate of its grid
    (≥ 3 values, seed 0) with the best validation accuracy.
 4. **Seeds and intervals**: mean ± std over seeds (:func:`mean_std`); differences as paired
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -82,6 +85,26 @@ def plateaued(curve: Sequence[dict], tolerance: float = 0.01) -> bool:
         return False
     cut = len(accuracies) - max(1, len(accuracies) // 3)
     return max(accuracies[cut:]) - max(accuracies[:cut]) <= tolerance
+
+
+class StepClock:
+    """An ``after_step`` hook that times optimizer steps, then calls ``then`` (another hook).
+    ``train_seconds`` includes the validation passes of the learning curve; the median time
+    between consecutive steps does not (and shrugs off a busy machine's slow moments)."""
+
+    def __init__(self, then=None) -> None:
+        self.then, self.last, self.times = then, None, []
+
+    def __call__(self, model, step: int) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
+        if self.then is not None:
+            self.then(model, step)
+
+    def seconds_per_step(self) -> float | None:
+        return round(statistics.median(self.times), 4) if self.times else None
 
 
 # ── 3. tuned rates ───────────────────────────────────────────────────────────────────────

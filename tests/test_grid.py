@@ -160,3 +160,77 @@ def test_truncation_cuts_the_kept_full_run_and_records_it_once(tmp_path, monkeyp
     assert len(spectra) == 12 and spectra["1.value"][0] > 100 and spectra["1.value"][1] < 1e-3  # rank 1
     assert all(max(values) == 0 for name, values in spectra.items() if name != "1.value")
     assert grid.truncation(None, truncations, grid.RunSpec("full", k=64), ci) == run  # recorded: not again
+
+
+def test_unipelt_grid_tunes_each_method_at_k16_then_k64_and_resumes(tmp_path, monkeypatch, tiny_bert):
+    import torch
+
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    calls = []
+
+    def fake_run(spec, proto, progress=False, read_test=True, return_model=False):
+        calls.append((spec.k, spec.method, spec.lr, spec.seed, read_test))
+        middle = grid.LR_GRIDS[spec.method][1]  # every method's best rate: the middle of its grid
+        run = {"spec": grid.asdict(spec), "steps": 10, "curve": [], "val_loss": 1.0,
+               "val_accuracy": 0.6 if spec.lr == middle else 0.5}
+        if read_test:
+            run["test_accuracy"] = 0.5
+        else:
+            path = grid.state_path(proto.key(spec))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({}, path)
+        return run
+
+    monkeypatch.setattr(grid, "run_protocol", fake_run)
+    monkeypatch.setattr(grid, "prepare", lambda *a, **k: (tiny_bert, None))
+    monkeypatch.setattr(grid, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
+    ci = grid.PROTOCOLS["ci"]
+    grid.unipelt_grid(ci, Record.open(tmp_path / "u.json", "unipelt", ci.fixed()))
+    expected = [(k, m, lr, 0, False) for k in (16, 64) for m in grid.UNIPELT_METHODS for lr in grid.LR_GRIDS[m]]
+    assert [c for c in calls if c[3] == 0] == expected  # K = 16 first; each method's rate grid on validation
+    for k in (16, 64):
+        for m in grid.UNIPELT_METHODS:  # then seeds 1 and 2 at the winning rate, read on test
+            mine = [c for c in calls if c[:2] == (k, m)]
+            assert mine[3:] == [(k, m, grid.LR_GRIDS[m][1], seed, True) for seed in (1, 2)]
+    assert set(grid.UNIPELT_METHODS) <= set(grid.LR_GRIDS) and grid.PROTOCOL_GRIDS["unipelt"] is grid.unipelt_grid
+    n = len(calls)
+    grid.unipelt_grid(ci, Record.open(tmp_path / "u.json", "unipelt", ci.fixed()))  # resumed: all recorded
+    assert len(calls) == n == 2 * 6 * 5
+
+
+def test_run_protocol_records_unipelt_gates_and_step_time(monkeypatch, tiny_bert):
+    import torch
+
+    from peft_minimal import protocol, unipelt
+    unipelt.add_unipelt(tiny_bert, unipelt.UniPELTConfig(modules_to_save=["classifier"]))
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        mask = torch.ones(n, 8, dtype=torch.long)
+        mask[::2, 5:] = 0  # padded rows: the recorded gates are masked means
+        return torch.utils.data.TensorDataset(torch.randint(1, 100, (n, 8), generator=g), mask,
+                                              torch.randint(0, 3, (n,), generator=g))
+
+    train_set, val_set = data(8), data(6)
+    monkeypatch.setattr(grid, "prepare", lambda *a, **k: (tiny_bert, None))
+    monkeypatch.setattr(grid, "protocol_data", lambda *a: (None, None, None, val_set, None))
+    monkeypatch.setattr(protocol, "few_shot", lambda pool, k, seed: None)
+    monkeypatch.setattr(grid, "tokenize", lambda tokenizer, texts, max_length: train_set)
+    tiny = grid.Protocol("tiny", max_length=8, validation_per_class=2, batch_size=4, steps=((2, 4),), evaluations=2)
+    run = grid.run_protocol(grid.RunSpec("unipelt-apl", lr=1e-3, k=2), tiny, stop_at=4)
+    assert sorted(run["gates"]) == ["adapter", "lora.query", "lora.value", "prefix"]
+    assert all(len(v) == 2 and all(0 < x < 1 for x in v) for v in run["gates"].values())  # one mean per layer
+    assert 0 < run["seconds_per_step"] <= run["train_seconds"] and "test_accuracy" not in run
+
+
+def test_step_clock_times_steps_and_calls_the_next_hook(monkeypatch):
+    from peft_minimal import protocol
+    ticks, seen = iter([0.0, 1.0, 11.0, 12.5]), []  # a validation pass after step 2
+    monkeypatch.setattr(protocol, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    clock = protocol.StepClock(lambda model, step: seen.append(step))
+    assert clock.seconds_per_step() is None
+    for step in (1, 2, 3, 4):
+        clock(None, step)
+    assert seen == [1, 2, 3, 4] and clock.seconds_per_step() == 1.5  # the median, not (12.5 - 0) / 3
