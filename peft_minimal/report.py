@@ -36,6 +36,23 @@ def final_runs(record: dict, **selector) -> list[dict]:
     return runs
 
 
+def final_runs_in(records: Sequence[dict], **selector) -> list[dict]:
+    """:func:`final_runs` of a configuration from whichever of ``records`` holds it: chapter 5
+    reads its own methods from the ``unipelt`` record and the baselines from the ``protocol``
+    record. The records must share the protocol (``scale``); one configuration lives in one."""
+    if len({repr(record["scale"]) for record in records}) > 1:
+        raise ValueError(f"the records were made at different protocols: {[record['scale'] for record in records]}")
+    found = []
+    for record in records:
+        try:
+            found.append(final_runs(record, **selector))
+        except LookupError:
+            pass
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} of the {len(records)} records hold final runs of {selector}; expected one")
+    return found[0]
+
+
 def rate_grid(record: dict, steps: int, **selector) -> list[tuple[float, float]]:
     """``(lr, validation accuracy)`` of a configuration's rate grid (seed 0, runs of ``steps``
     steps: a plateau check of twice the length is not part of the grid), by rate."""

@@ -85,3 +85,16 @@ def test_plot_intervals_draws_both_intervals_per_comparison():
     assert (results[0]["by_seed"].low, results[0]["by_seed"].high) in lows_highs
     assert [t.get_text() for t in ax.get_yticklabels()] == ["C − B", "A − B"]
     plt.close(fig)
+
+
+def test_final_runs_in_reads_a_configuration_from_whichever_record_holds_it(record):
+    main = {**record, "scale": {"name": "ci"}}
+    chapter5 = {"scale": {"name": "ci"}, "runs": {"a": run("prefix", 0, 1e-3, 0.4), "b": run("prefix", 1, 1e-3, 0.5)}}
+    assert [r["test_accuracy"] for r in report.final_runs_in([chapter5, main], method="prefix")] == [0.4, 0.5]
+    assert len(report.final_runs_in([chapter5, main], method="lora", k=64)) == 3
+    with pytest.raises(LookupError, match="0 of the 2 records"):
+        report.final_runs_in([chapter5, main], method="prompt")
+    with pytest.raises(LookupError, match="2 of the 2 records"):
+        report.final_runs_in([main, main], method="full")
+    with pytest.raises(ValueError, match="different protocols"):
+        report.final_runs_in([chapter5, {**main, "scale": {"name": "full"}}], method="prefix")
