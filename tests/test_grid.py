@@ -16,17 +16,15 @@ def test_run_keys_name_every_setting_that_matters():
     assert ci.key(spec) == spec.key() + f"|steps={ci.steps_for(64)}" and ci.key(grid.RunSpec("probe")) == "probe|k=all|seed=0"
 
 
-def test_tuned_runs_pick_the_rate_on_validation_then_add_seeds(tmp_path, monkeypatch, tiny_bert):
-    import torch
-    from peft_minimal import protocol
-    from peft_minimal.record import Record
-    monkeypatch.setattr(protocol, "CACHE", tmp_path)
-    calls, tested = [], []
-
+def fake_protocol_run(calls: list, entry, val_accuracy):
+    """A stand-in for ``grid.run_protocol``: appends ``entry(spec, read_test)`` to ``calls``, scores
+    validation with ``val_accuracy(spec)`` and, as a rate-grid run does, keeps (empty) weights when it
+    does not read the test split."""
     def fake_run(spec, proto, progress=False, read_test=True, return_model=False):
-        calls.append((spec.lr, spec.seed, read_test))
-        run = {"spec": grid.asdict(spec), "steps": 10, "curve": [],
-               "val_accuracy": {1e-3: 0.4, 3e-3: 0.6, 1e-2: 0.5}[spec.lr], "val_loss": 1.0}
+        import torch
+        calls.append(entry(spec, read_test))
+        run = {"spec": grid.asdict(spec), "steps": 10, "curve": [], "val_accuracy": val_accuracy(spec),
+               "val_loss": 1.0}
         if read_test:
             run["test_accuracy"] = 0.5
         else:
@@ -34,8 +32,17 @@ def test_tuned_runs_pick_the_rate_on_validation_then_add_seeds(tmp_path, monkeyp
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({}, path)
         return run
+    return fake_run
 
-    monkeypatch.setattr(grid, "run_protocol", fake_run)
+
+def test_tuned_runs_pick_the_rate_on_validation_then_add_seeds(tmp_path, monkeypatch, tiny_bert):
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    calls, tested = [], []
+
+    monkeypatch.setattr(grid, "run_protocol", fake_protocol_run(
+        calls, lambda spec, read_test: (spec.lr, spec.seed, read_test), lambda spec: {1e-3: 0.4, 3e-3: 0.6, 1e-2: 0.5}[spec.lr]))
     monkeypatch.setattr(grid, "prepare", lambda *a, **k: (tiny_bert, None))
     monkeypatch.setattr(grid, "score_on_test", lambda model, proto: tested.append(1) or {"test_accuracy": 0.7})
     record = Record.open(tmp_path / "r.json", "r", {})
@@ -163,27 +170,14 @@ def test_truncation_cuts_the_kept_full_run_and_records_it_once(tmp_path, monkeyp
 
 
 def test_unipelt_grid_tunes_each_method_at_k16_then_k64_and_resumes(tmp_path, monkeypatch, tiny_bert):
-    import torch
-
     from peft_minimal import protocol
     from peft_minimal.record import Record
     monkeypatch.setattr(protocol, "CACHE", tmp_path)
     calls = []
 
-    def fake_run(spec, proto, progress=False, read_test=True, return_model=False):
-        calls.append((spec.k, spec.method, spec.lr, spec.seed, read_test))
-        middle = grid.LR_GRIDS[spec.method][1]  # every method's best rate: the middle of its grid
-        run = {"spec": grid.asdict(spec), "steps": 10, "curve": [], "val_loss": 1.0,
-               "val_accuracy": 0.6 if spec.lr == middle else 0.5}
-        if read_test:
-            run["test_accuracy"] = 0.5
-        else:
-            path = grid.state_path(proto.key(spec))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({}, path)
-        return run
-
-    monkeypatch.setattr(grid, "run_protocol", fake_run)
+    monkeypatch.setattr(grid, "run_protocol", fake_protocol_run(
+        calls, lambda spec, read_test: (spec.k, spec.method, spec.lr, spec.seed, read_test),
+        lambda spec: 0.6 if spec.lr == grid.LR_GRIDS[spec.method][1] else 0.5))  # the middle of each grid wins
     monkeypatch.setattr(grid, "prepare", lambda *a, **k: (tiny_bert, None))
     monkeypatch.setattr(grid, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
     ci = grid.PROTOCOLS["ci"]
