@@ -166,14 +166,15 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
             hook = adalora.RankAllocator(model, model.peft_config).update_and_allocate
             # only points with the final budget may be kept, or a run could end above its budget
             config = replace(config, keep_best_after=steps - model.peft_config.tfinal)
-    clock = StepClock(hook)
-    result = train(model, train_set, config, extra_loss=extra_loss, after_step=clock, validation=val_set)
+    # AdaLoRA's allocator stays the hook itself: checkpointing finds a stateful hook by its bound method
+    clock = StepClock() if hook is None else None
+    result = train(model, train_set, config, extra_loss=extra_loss, after_step=hook or clock, validation=val_set)
     kept = next(point for point in result.curve if point["step"] == result.best_step)
     trainable, total = count_parameters(model)
     record = {"spec": asdict(spec), "steps": steps, "train_config": asdict(config), "curve": result.curve,
               "best_step": result.best_step, "val_accuracy": kept["val_accuracy"], "val_loss": kept["val_loss"],
               "plateaued": plateaued(result.curve), "trainable": trainable, "total": total,
-              "train_seconds": result.seconds, "seconds_per_step": clock.seconds_per_step(),
+              "train_seconds": result.seconds, "seconds_per_step": clock and clock.seconds_per_step(),
               "train_examples": len(train_set)}
     if spec.method == "adalora":
         record["ranks"] = adalora.ranks(model)

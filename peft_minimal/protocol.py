@@ -88,20 +88,18 @@ def plateaued(curve: Sequence[dict], tolerance: float = 0.01) -> bool:
 
 
 class StepClock:
-    """An ``after_step`` hook that times optimizer steps, then calls ``then`` (another hook).
-    ``train_seconds`` includes the validation passes of the learning curve; the median time
-    between consecutive steps does not (and shrugs off a busy machine's slow moments)."""
+    """An ``after_step`` hook that times optimizer steps. ``train_seconds`` includes the validation
+    passes of the learning curve; the median time between consecutive steps does not (and shrugs
+    off a busy machine's slow moments)."""
 
-    def __init__(self, then=None) -> None:
-        self.then, self.last, self.times = then, None, []
+    def __init__(self) -> None:
+        self.last, self.times = None, []
 
     def __call__(self, model, step: int) -> None:
         now = time.perf_counter()
         if self.last is not None:
             self.times.append(now - self.last)
         self.last = now
-        if self.then is not None:
-            self.then(model, step)
 
     def seconds_per_step(self) -> float | None:
         return round(statistics.median(self.times), 4) if self.times else None
