@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import adalora, adapters, fewshot, ia3, lora, prefix, prompt, svd, unipelt
+from . import adalora, adapters, bitfit, fewshot, ia3, lora, prefix, prompt, svd, unipelt
 from .data import load_text_classification, tokenize
 from .layers import count_parameters
 from .models import device, load_encoder, use_mean_pooling  # noqa: F401 (chapters call experiments.device())
@@ -153,6 +153,8 @@ BUILDERS: dict[str, Builder] = {
         model, prompt.PromptTuningConfig(PROMPT_TOKENS, modules_to_save=head()))),
     "unipelt-ap": Builder(lambda model, o: unipelt.add_unipelt(model, unipelt_config(lora=False))),
     "unipelt-apl": Builder(lambda model, o: unipelt.add_unipelt(model, unipelt_config())),
+    "bitfit": Builder(lambda model, o: bitfit.add_bitfit(model, bitfit.BitFitConfig(modules_to_save=head())),
+                      seeded=False),  # every bias, pretrained values: nothing is drawn
 }
 
 
@@ -161,7 +163,7 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
     """MiniLM with a seeded head and the method applied, one of :data:`BUILDERS`: ``head``,
     ``lora``, ``adalora`` (``r`` is the target rank; the schedule needs the run's ``steps``),
     ``ia3``, ``full``, and chapter 5's ``pfeiffer``, ``houlsby``, ``prefix``, ``prompt``,
-    ``unipelt-ap``, ``unipelt-apl`` (the paper's settings: ``r`` and ``targets`` are LoRA's and
+    ``unipelt-ap``, ``unipelt-apl``, and chapter 6's ``bitfit`` (the papers' settings: ``r`` and ``targets`` are LoRA's and
     AdaLoRA's alone). LoRA's ``alpha`` defaults to ``2 r``; a rank sweep that varies only the
     rank fixes it. ``variant="mean-pool"`` classifies the masked mean of the tokens
     (:func:`use_mean_pooling`). AdaLoRA's ablations (``variant``): ``no-penalty`` drops the

@@ -77,7 +77,9 @@ LR_GRIDS = {"head": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2), "adalora": (
             # below 1e-3 (Li & Liang: ~5e-5); the random head shares the rate and must still learn
             # in 200 steps, so the grid starts at 3e-4 (tuned_lr extends it past an edge).
             "pfeiffer": (1e-3, 3e-3, 1e-2), "houlsby": (1e-3, 3e-3, 1e-2), "prompt": (1e-2, 3e-2, 1e-1),
-            "prefix": (3e-4, 1e-3, 3e-3), "unipelt-ap": (3e-4, 1e-3, 3e-3), "unipelt-apl": (3e-4, 1e-3, 3e-3)}
+            "prefix": (3e-4, 1e-3, 3e-3), "unipelt-ap": (3e-4, 1e-3, 3e-3), "unipelt-apl": (3e-4, 1e-3, 3e-3),
+            # chapter 6: BitFit's paper searched 1e-4..1e-3 on BERT; shifted like LoRA's at this scale
+            "bitfit": (1e-3, 3e-3, 1e-2)}
 LORA_ALPHA = 16  # fixed across ranks (LoRA §4.1): a rank sweep varies only the rank
 
 

@@ -18,8 +18,8 @@ def test_prepare_methods():
     assert count_parameters(lora8)[0] == 6 * 2 * 8 * (384 + 384) + 384 * 20 + 20
     full, _ = experiments.prepare("full")
     assert count_parameters(full)[0] == count_parameters(full)[1]
-    with pytest.raises(ValueError, match="method must be one of head, full, lora, .*unipelt-apl; got 'bitfit'"):
-        experiments.prepare("bitfit")
+    with pytest.raises(ValueError, match="method must be one of head, full, lora, .*bitfit; got .vera."):
+        experiments.prepare("vera")
 
 
 # MiniLM: 6 layers, hidden 384, FFN 1536; the head 384 x 20 + 20. A bottleneck adapter is
@@ -32,7 +32,10 @@ NEW_METHODS = {"pfeiffer": (6 * ADAPTER, ("adapter_",)),
                "prompt": (20 * 384, ("prompt_encoder",)),
                "unipelt-ap": (PREFIX + 6 * GATE + 6 * (ADAPTER + GATE), ("prompt_encoder", "prefix_gate", "adapter_")),
                "unipelt-apl": (PREFIX + 6 * GATE + 6 * (ADAPTER + GATE) + 12 * (2 * 8 * 384 + GATE),
-                               ("prompt_encoder", "prefix_gate", "adapter_", "lora_"))}
+                               ("prompt_encoder", "prefix_gate", "adapter_", "lora_")),
+               # BitFit: per layer q, k, v, attention out, FFN out (384 each), FFN in (1536), 2 LayerNorms;
+               # the embeddings' LayerNorm and the pooler
+               "bitfit": (6 * (5 * 384 + 1536 + 2 * 384) + 384 + 384, ("bias",))}
 
 
 @pytest.mark.parametrize("method", sorted(NEW_METHODS))
