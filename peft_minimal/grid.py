@@ -134,9 +134,11 @@ def protocol_grid(proto: Protocol, record) -> None:
     4. At budget 2, AdaLoRA without its orthogonality penalty and without pruning (the SVD form
        alone), at AdaLoRA's rate.
     5. LoRA r = 8 and the head reading the masked mean of the tokens (the probe's pooling)
-       instead of [CLS] through the untrained pooler, each tuned; LoRA's rank sweep
-       (r = 1, 2, 4, 16) at LoRA r = 8's rate with alpha fixed, so only the rank varies.
-    6. The same as 1, 3 and 5 at K = 16 per class; then LoRA and AdaLoRA at budget 8."""
+       instead of [CLS] through the untrained pooler, each tuned. (LoRA's rank sweep at K = 64
+       is in the GPU record, :func:`gpu_grid`.)
+    6. The low-data axis: the probe at K = 16, 256 and the whole pool; the baselines of 1 at
+       K = 16 (each tuned again: a rate tuned on 64 per class need not suit 16); their plateau
+       checks and the mean-pooled runs at K = 16; then LoRA and AdaLoRA at budget 8."""
     def seeds_at(spec: RunSpec, lr: float) -> None:
         for seed in (0, 1, 2):
             s = replace(spec, lr=lr, seed=seed)
@@ -146,20 +148,16 @@ def protocol_grid(proto: Protocol, record) -> None:
         for spec in (RunSpec("probe", k=k), RunSpec("lora", k=k, r=8), RunSpec("head", k=k),
                      RunSpec("full", k=k), RunSpec("ia3", k=k)):
             tuned_runs(record, spec, proto=proto)
-        truncation(record, open_record("truncation", proto), RunSpec("full", k=k), proto)
+        if k == 64:  # chapter 1 reads the spectrum of one full update; K = 64's is the one it shows
+            truncation(record, open_record("truncation", proto), RunSpec("full", k=k), proto)
 
     def adalora_budget(budget: int) -> None:
         for method in ("lora", "adalora"):
             tuned_runs(record, RunSpec(method, k=64, r=budget, targets=ALL_SIX), proto=proto)
 
-    def pooling_and_rank(k: int) -> None:
-        for spec in (RunSpec("lora", k=k, r=8), RunSpec("full", k=k)):
-            plateau_check(record, spec, proto)
+    def mean_pooled(k: int) -> None:
         for spec in (RunSpec("lora", k=k, r=8, variant="mean-pool"), RunSpec("head", k=k, variant="mean-pool")):
             tuned_runs(record, spec, proto=proto)  # the probe's pooling, trained: separates pooling from adapting
-        lr = tuned_lr(record, RunSpec("lora", k=k, r=8), proto=proto)
-        for r in (1, 2, 4, 16):
-            seeds_at(RunSpec("lora", k=k, r=r), lr)
 
     baselines(64)
     adalora_budget(2)
@@ -168,9 +166,13 @@ def protocol_grid(proto: Protocol, record) -> None:
     lr = tuned_lr(record, RunSpec("adalora", k=64, r=2, targets=ALL_SIX), proto=proto)
     for variant in ("no-penalty", "no-pruning"):
         seeds_at(RunSpec("adalora", k=64, r=2, targets=ALL_SIX, variant=variant), lr)
-    pooling_and_rank(64)
+    mean_pooled(64)
+    for k in (16, 256, None):
+        tuned_runs(record, RunSpec("probe", k=k), seeds=(0, 1, 2) if k else (0,), proto=proto)
     baselines(16)
-    pooling_and_rank(16)
+    for spec in (RunSpec("lora", k=16, r=8), RunSpec("full", k=16)):
+        plateau_check(record, spec, proto)
+    mean_pooled(16)
     adalora_budget(8)  # chapter 6's second budget (the paper's 1.27M of DeBERTaV3-base, in miniature)
 
 

@@ -288,3 +288,45 @@ def test_gpu_grid_replicates_at_the_cpu_rates_then_sweeps_in_its_own_record(tmp_
 def torch_module():
     import torch
     return torch.nn.Linear(1, 1)
+
+
+def test_protocol_grid_order_the_low_data_axis_after_k64_and_resume(tmp_path, monkeypatch):
+    """The CPU grid finishes K = 64 (rank sweep left to the GPU record), then the probe along K,
+    then K = 16 with every method's rate tuned again on validation; chapter 1's truncation runs
+    only at K = 64; a resumed grid runs nothing twice."""
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    ci = grid.PROTOCOLS["ci"]
+    seen, truncated = [], []
+
+    def fake_run(spec, proto, progress=False, read_test=True):
+        seen.append((spec.method, spec.r, spec.k, spec.variant, spec.lr, spec.seed, read_test))
+        if not read_test:
+            path = grid.state_path(proto.key(spec))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            import torch
+            torch.save({}, path)
+        return {"spec": grid.asdict(spec), "val_accuracy": 0.5 + spec.lr, "val_loss": 1.0, "curve": [], "steps": 10,
+                **({"test_accuracy": 0.5} if read_test else {})}
+
+    patch(monkeypatch, "run_protocol", fake_run)
+    patch(monkeypatch, "truncation", lambda record, truncations, spec, proto: truncated.append(spec.k))
+    patch(monkeypatch, "open_record", lambda name, proto, directory=None: None)
+    patch(monkeypatch, "score_on_test", lambda model, proto: {"test_accuracy": 0.5})
+    patch(monkeypatch, "prepare", lambda *a, **k: (torch_module(), None))
+    grid.protocol_grid(ci, Record.open(tmp_path / "cpu.json", "protocol", ci.fixed()))
+    assert truncated == [64]
+    assert not [s for s in seen if s[0] == "lora" and s[2] == 64 and s[1] in (1, 4, 16)]  # no CPU rank sweep
+    probes = [s[2] for s in seen if s[0] == "probe"]
+    assert probes == [64] * 3 + [16] * 3 + [256] * 3 + [None]  # the K axis of the cheap baseline
+    first16 = next(i for i, s in enumerate(seen) if s[2] == 16)
+    assert {s[2] for s in seen[:first16]} == {64} and {s[2] for s in seen[first16:]} - {16} <= {256, None, 64}
+    for method in ("lora", "head", "full", "ia3"):  # each rate grid re-run at K = 16, without reading test
+        grid16 = sorted(s[4] for s in seen if s[0] == method and s[2] == 16 and not s[3] and s[5] == 0 and not s[6])
+        assert grid16 and set(grid.LR_GRIDS[method]) <= set(grid16)
+    budget8 = [s[:3] for s in seen[first16:] if s[2] == 64]
+    assert budget8 and set(budget8) == {("lora", 8, 64), ("adalora", 8, 64)} and seen[-1][:3] == ("adalora", 8, 64)
+    n = len(seen)
+    grid.protocol_grid(ci, Record.open(tmp_path / "cpu.json", "protocol", ci.fixed()))
+    assert len(seen) == n
