@@ -88,5 +88,5 @@ class Method:
         return {k.removeprefix(self.saved_prefix): v for k, v in tensors.items()}
 
     def parameter_count(self, model: nn.Module, config: Any) -> int:
-        """Numbers the adapter holds (the modules to save not included), from ``shapes``."""
+        """Numbers the adapter trains (the modules to save not included), from ``shapes``."""
         return sum(math.prod(shape) for shape in self.shapes(model, config).values())

@@ -41,7 +41,9 @@ def method_of(model: nn.Module) -> Method:
 
 
 def count_adapter_parameters(model: nn.Module) -> int:
-    """Numbers in the adapter of ``model`` as saved (its modules to save not included)."""
+    """Numbers the adapter of ``model`` trains (its modules to save not included). The file can
+    hold fewer: a prefix trained through its MLP, and P-tuning's prompt encoder, are saved as
+    the prefix or prompt they compute (peft's layout), not as the network that computes it."""
     return method_of(model).parameter_count(model, model.peft_config)
 
 

@@ -20,19 +20,24 @@ def matches(run: dict, selector: dict) -> bool:
     return all(list(spec[k]) == list(v) if k == "targets" else spec.get(k, "") == v for k, v in selector.items())
 
 
-def final_runs(record: dict, **selector) -> list[dict]:
-    """The runs of one configuration that were read on test, ordered by seed. A selector
-    without ``variant`` means the plain method (``variant=""``).
+def final_runs(record: dict, steps: int | None = None, **selector) -> list[dict]:
+    """The runs of one configuration that were read on test, ordered by seed (only those of
+    ``steps`` steps, if given). A selector without ``variant`` means the plain method
+    (``variant=""``).
 
-    Raises if they disagree on the rate (one configuration has one tuned rate) or if none exist."""
+    Raises if they disagree on the rate (one configuration has one tuned rate) or on the run
+    length, or if none exist."""
     selector = {"variant": "", **selector}
-    runs = sorted((r for r in record["runs"].values() if matches(r, selector) and "test_accuracy" in r),
-                  key=lambda r: r["spec"]["seed"])
+    runs = sorted((r for r in record["runs"].values() if matches(r, selector) and "test_accuracy" in r
+                   and (steps is None or r.get("steps") == steps)), key=lambda r: r["spec"]["seed"])
     if not runs:
         raise LookupError(f"no finished run matches {selector}; is the grid still running?")
     rates = {r["spec"]["lr"] for r in runs}
     if len(rates) > 1:
         raise ValueError(f"{selector} has final runs at several rates {sorted(rates)}; narrow it with lr=")
+    lengths = {r.get("steps") for r in runs}
+    if len(lengths) > 1:
+        raise ValueError(f"{selector} has final runs of several lengths {sorted(lengths)}; narrow it with steps=")
     return runs
 
 
@@ -59,6 +64,27 @@ def rate_grid(record: dict, steps: int, **selector) -> list[tuple[float, float]]
     runs = [r for r in record["runs"].values()
             if matches(r, {"variant": "", **selector, "seed": 0}) and r.get("steps") == steps]
     return sorted({(r["spec"]["lr"], r["val_accuracy"]) for r in runs})
+
+
+def plateau_check(record: dict, steps: int, **selector) -> dict:
+    """The protocol's plateau check (``grid.plateau_check``) of one configuration: its seed-0
+    run at the tuned rate, ``steps`` long, against the same run twice as long, by best
+    validation accuracy. A ``gain`` inside the noise of a difference says the protocol's length
+    was enough; a larger one, that the configuration was still learning."""
+    selector = {"variant": "", **selector}
+    lr = final_runs(record, **selector)[0]["spec"]["lr"]
+
+    def run_of(length: int) -> dict:
+        found = [r for r in record["runs"].values()
+                 if matches(r, {**selector, "seed": 0, "lr": lr}) and r.get("steps") == length]
+        if not found:
+            raise LookupError(f"no {length}-step run of {selector} at lr={lr:g}; is the grid still running?")
+        return found[0]
+
+    short, long = run_of(steps), run_of(2 * steps)
+    return {"lr": lr, "short": short["val_accuracy"], "short_best_step": short["best_step"],
+            "long": long["val_accuracy"], "long_best_step": long["best_step"],
+            "gain": long["val_accuracy"] - short["val_accuracy"], "long_curve": long["curve"]}
 
 
 def accuracies(runs: Sequence[dict]) -> list[float]:

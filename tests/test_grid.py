@@ -1,7 +1,15 @@
-"""The protocol as runs (peft_minimal/grid.py): keys, tuned rates, resumed winners, the record."""
+"""The protocol as runs and grids (peft_minimal/runs.py, grid.py): keys, tuned rates, resumed
+winners, the record."""
 import pytest
 
-from peft_minimal import experiments, grid
+from peft_minimal import experiments, grid, runs
+
+
+def patch(monkeypatch, name: str, value) -> None:
+    """Replace ``name`` where the grids and the runs look it up (``grid`` re-exports the run-level names)."""
+    for module in (grid, runs):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, value)
 
 
 def test_run_keys_name_every_setting_that_matters():
@@ -41,10 +49,10 @@ def test_tuned_runs_pick_the_rate_on_validation_then_add_seeds(tmp_path, monkeyp
     monkeypatch.setattr(protocol, "CACHE", tmp_path)
     calls, tested = [], []
 
-    monkeypatch.setattr(grid, "run_protocol", fake_protocol_run(
+    patch(monkeypatch, "run_protocol", fake_protocol_run(
         calls, lambda spec, read_test: (spec.lr, spec.seed, read_test), lambda spec: {1e-3: 0.4, 3e-3: 0.6, 1e-2: 0.5}[spec.lr]))
-    monkeypatch.setattr(grid, "prepare", lambda *a, **k: (tiny_bert, None))
-    monkeypatch.setattr(grid, "score_on_test", lambda model, proto: tested.append(1) or {"test_accuracy": 0.7})
+    patch(monkeypatch, "prepare", lambda *a, **k: (tiny_bert, None))
+    patch(monkeypatch, "score_on_test", lambda model, proto: tested.append(1) or {"test_accuracy": 0.7})
     record = Record.open(tmp_path / "r.json", "r", {})
     runs = grid.tuned_runs(record, grid.RunSpec("lora", k=16), proto=grid.PROTOCOLS["ci"])
     # the grid never reads the test split; only the winner does, from its kept weights
@@ -64,12 +72,12 @@ def test_a_winner_without_kept_weights_is_trained_again(tmp_path, monkeypatch, t
     spec = grid.RunSpec("lora", k=16, lr=3e-3)
     record = Record.open(tmp_path / "r.json", "r", {})
     record.run(spec.key(), lambda: {"spec": grid.asdict(spec), "steps": 10, "curve": [{"val_accuracy": 0.6}]})
-    monkeypatch.setattr(grid, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
-    monkeypatch.setattr(grid, "run_protocol", lambda s, p, progress, return_model: (
+    patch(monkeypatch, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
+    patch(monkeypatch, "run_protocol", lambda s, p, progress, return_model: (
         {"curve": [{"val_accuracy": 0.6}], "test_accuracy": 0.1}, tiny_bert))
     assert grid.finish_on_test(record, spec.key(), None)["test_accuracy"] == 0.7  # same curve: same run
     record.data["runs"][spec.key()].pop("test_accuracy")
-    monkeypatch.setattr(grid, "run_protocol", lambda s, p, progress, return_model: (
+    patch(monkeypatch, "run_protocol", lambda s, p, progress, return_model: (
         {"curve": [{"val_accuracy": 0.5}], "test_accuracy": 0.1}, tiny_bert))
     rerun = grid.finish_on_test(record, spec.key(), None)  # another machine: the new run replaces it
     assert rerun["test_accuracy"] == 0.1 and rerun["curve"] == [{"val_accuracy": 0.5}]
@@ -89,27 +97,30 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
         seen.append(spec.lr)  # validation accuracy keeps rising with the rate up to 0.1
         return {"spec": grid.asdict(spec), "val_accuracy": min(spec.lr, 0.1), "val_loss": 1.0}
 
-    monkeypatch.setattr(grid, "run_protocol", fake_run)
+    patch(monkeypatch, "run_protocol", fake_run)
     record = Record.open(tmp_path / "r.json", "r", {})
     lr = grid.tuned_lr(record, grid.RunSpec("lora", k=16), proto=grid.PROTOCOLS["ci"])
     assert seen == [1e-3, 3e-3, 1e-2, 0.0333, 0.111] and lr == 0.111  # two extensions, then it stops
     seen.clear()
-    monkeypatch.setattr(grid, "run_protocol", lambda spec, proto, progress=False, read_test=True: seen.append(
+    patch(monkeypatch, "run_protocol", lambda spec, proto, progress=False, read_test=True: seen.append(
         spec.lr) or {"spec": grid.asdict(spec), "val_accuracy": 0.5 if spec.lr == 3e-3 else 0.4, "val_loss": 1.0})
     record = Record.open(tmp_path / "q.json", "q", {})
     assert grid.tuned_lr(record, grid.RunSpec("lora", k=16), proto=grid.PROTOCOLS["ci"]) == 3e-3
     assert seen == [1e-3, 3e-3, 1e-2]  # an inner optimum: no extension
 
 
-def test_committed_protocol_record_is_consistent():
+@pytest.mark.parametrize("name", ["protocol", "gpu"])
+def test_committed_protocol_record_is_consistent(name):
     """Every recorded run is named by its own configuration, and every run that read the test
-    split read all of it; rate-grid runs that lost kept the test split unread."""
-    record = experiments.load_record("protocol", "ci")
+    split read all of it; rate-grid runs that lost kept the test split unread (the CPU record
+    and the GPU record alike)."""
+    record = experiments.load_record(name, "ci")
     proto = grid.PROTOCOLS["ci"]
     assert record["scale"] == proto.fixed()
     for key, run in record["runs"].items():
         spec = grid.RunSpec(**{**run["spec"], "targets": tuple(run["spec"]["targets"])})
-        run_proto = grid.doubled(proto) if run.get("steps", 0) > proto.steps_for(spec.k) else proto
+        longer = spec.method != "probe" and run.get("steps", 0) > proto.steps_for(spec.k)  # a probe has no steps (any K)
+        run_proto = grid.doubled(proto) if longer else proto
         assert key == run["key"] == run_proto.key(spec)
         if "test_accuracy" in run:
             assert len(run["test_correct"]) == 2 * 942 and 0.05 < run["test_accuracy"] < 1
@@ -131,7 +142,7 @@ def test_plateau_check_doubles_the_steps_of_the_tuned_run_without_test(tmp_path,
         seen.append((spec.lr, proto.steps_for(spec.k), read_test))
         return {"spec": grid.asdict(spec), "val_accuracy": 0.5 if spec.lr == 3e-3 else 0.4, "val_loss": 1.0}
 
-    monkeypatch.setattr(grid, "run_protocol", fake_run)
+    patch(monkeypatch, "run_protocol", fake_run)
     record = Record.open(tmp_path / "r.json", "r", {})
     ci = grid.PROTOCOLS["ci"]
     run = grid.plateau_check(record, grid.RunSpec("lora", k=64), ci)
@@ -155,10 +166,10 @@ def test_truncation_cuts_the_kept_full_run_and_records_it_once(tmp_path, monkeyp
     path = grid.state_path(ci.key(spec))
     path.parent.mkdir(parents=True)
     torch.save(tuned.state_dict(), path)
-    monkeypatch.setattr(grid, "tuned_lr", lambda record, spec, seed, proto: 1e-4)
-    monkeypatch.setattr(grid, "prepare", lambda *a, **k: (copy.deepcopy(base), None))
-    monkeypatch.setattr(grid, "protocol_data", lambda *a: (None,) * 4 + ("test",))
-    monkeypatch.setattr(grid, "run_protocol", lambda *a, **k: pytest.fail("the kept weights exist"))
+    patch(monkeypatch, "tuned_lr", lambda record, spec, seed, proto: 1e-4)
+    patch(monkeypatch, "prepare", lambda *a, **k: (copy.deepcopy(base), None))
+    patch(monkeypatch, "protocol_data", lambda *a: (None,) * 4 + ("test",))
+    patch(monkeypatch, "run_protocol", lambda *a, **k: pytest.fail("the kept weights exist"))
     monkeypatch.setattr(experiments, "truncated_update_accuracy", lambda model, W0, delta, data: {"data": data})
     truncations = Record.open(tmp_path / "t.json", "truncation", {})
     run = grid.truncation(Record.open(tmp_path / "r.json", "r", {}), truncations, grid.RunSpec("full", k=64), ci)
@@ -175,11 +186,11 @@ def test_unipelt_grid_tunes_each_method_at_k16_then_k64_and_resumes(tmp_path, mo
     monkeypatch.setattr(protocol, "CACHE", tmp_path)
     calls = []
 
-    monkeypatch.setattr(grid, "run_protocol", fake_protocol_run(
+    patch(monkeypatch, "run_protocol", fake_protocol_run(
         calls, lambda spec, read_test: (spec.k, spec.method, spec.lr, spec.seed, read_test),
         lambda spec: 0.6 if spec.lr == grid.LR_GRIDS[spec.method][1] else 0.5))  # the middle of each grid wins
-    monkeypatch.setattr(grid, "prepare", lambda *a, **k: (tiny_bert, None))
-    monkeypatch.setattr(grid, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
+    patch(monkeypatch, "prepare", lambda *a, **k: (tiny_bert, None))
+    patch(monkeypatch, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
     ci = grid.PROTOCOLS["ci"]
     grid.unipelt_grid(ci, Record.open(tmp_path / "u.json", "unipelt", ci.fixed()))
     expected = [(k, m, lr, 0, False) for k in (16, 64) for m in grid.UNIPELT_METHODS for lr in grid.LR_GRIDS[m]]
@@ -208,10 +219,10 @@ def test_run_protocol_records_unipelt_gates_and_step_time(monkeypatch, tiny_bert
                                               torch.randint(0, 3, (n,), generator=g))
 
     train_set, val_set = data(8), data(6)
-    monkeypatch.setattr(grid, "prepare", lambda *a, **k: (tiny_bert, None))
-    monkeypatch.setattr(grid, "protocol_data", lambda *a: (None, None, None, val_set, None))
+    patch(monkeypatch, "prepare", lambda *a, **k: (tiny_bert, None))
+    patch(monkeypatch, "protocol_data", lambda *a: (None, None, None, val_set, None))
     monkeypatch.setattr(protocol, "few_shot", lambda pool, k, seed: None)
-    monkeypatch.setattr(grid, "tokenize", lambda tokenizer, texts, max_length: train_set)
+    patch(monkeypatch, "tokenize", lambda tokenizer, texts, max_length: train_set)
     tiny = grid.Protocol("tiny", max_length=8, validation_per_class=2, batch_size=4, steps=((2, 4),), evaluations=2)
     run = grid.run_protocol(grid.RunSpec("unipelt-apl", lr=1e-3, k=2), tiny, stop_at=4)
     assert sorted(run["gates"]) == ["adapter", "lora.query", "lora.value", "prefix"]
@@ -228,3 +239,95 @@ def test_step_clock_takes_the_median_time_between_steps(monkeypatch):
     for step in (1, 2, 3, 4):
         clock(None, step)
     assert clock.seconds_per_step() == 1.5  # the median, not (12.5 - 0) / 3
+
+
+def test_gpu_grid_replicates_at_the_cpu_rates_then_sweeps_in_its_own_record(tmp_path, monkeypatch):
+    """The GPU grid's first runs use the rates the CPU record chose (so the two records can be set
+    against each other seed by seed), the rank sweep uses LoRA r=8's, and a resumed grid runs nothing twice."""
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    ci = grid.PROTOCOLS["ci"]
+    cpu = Record.open(tmp_path / "cpu.json", "protocol", ci.fixed())
+    six = grid.ALL_SIX
+    for spec in (grid.RunSpec("lora", k=64, r=8, lr=3e-3), grid.RunSpec("full", k=64, lr=3e-4),
+                 grid.RunSpec("head", k=64, lr=3e-2), grid.RunSpec("lora", k=64, r=2, targets=six, lr=1e-3),
+                 grid.RunSpec("adalora", k=64, r=2, targets=six, lr=1e-2)):
+        cpu.run(ci.key(spec), lambda spec=spec: {"spec": grid.asdict(spec), "test_accuracy": 0.5})
+    seen = []
+
+    def fake_run(spec, proto, progress=False, read_test=True):
+        seen.append((spec.method, spec.r, spec.k, spec.variant, spec.lr, spec.seed, read_test, proto.steps_for(spec.k)))
+        if not read_test:
+            path = grid.state_path(proto.key(spec))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            import torch
+            torch.save({}, path)
+        return {"spec": grid.asdict(spec), "val_accuracy": 0.5, "val_loss": 1.0, "curve": [], "steps": 10,
+                **({"test_accuracy": 0.5} if read_test else {})}
+
+    patch(monkeypatch, "run_protocol", fake_run)
+    patch(monkeypatch, "open_record", lambda name, proto, directory=None: cpu)
+    patch(monkeypatch, "score_on_test", lambda model, proto: {"test_accuracy": 0.5})
+    patch(monkeypatch, "prepare", lambda *a, **k: (torch_module(), None))
+    record = Record.open(tmp_path / "gpu.json", "gpu", ci.fixed())
+    grid.gpu_grid(ci, record)
+    steps = ci.steps_for(64)
+    replication = [(m, r, lr) for m, r, lr in (("lora", 8, 3e-3), ("full", 8, 3e-4), ("head", 8, 3e-2),
+                                               ("lora", 2, 1e-3), ("adalora", 2, 1e-2))]
+    assert seen[:15] == [(m, r, 64, "", lr, seed, True, steps) for m, r, lr in replication for seed in (0, 1, 2)]
+    assert seen[15:21] == [(m, r, 64, "", lr, seed, True, 2 * steps) for m, r, lr in replication[3:] for seed in (0, 1, 2)]
+    assert seen[21:33] == [("lora", r, 64, "", 3e-3, seed, True, steps) for r in (1, 2, 4, 16) for seed in (0, 1, 2)]
+    first16 = next(i for i, s in enumerate(seen) if s[2] == 16)
+    assert {s[3] for s in seen[33:first16]} == {"mean-pool"} and {s[2] for s in seen[first16:]} == {16}
+    assert {s[0] for s in seen[first16:]} == {"probe", "lora", "head", "full", "ia3"}
+    n = len(seen)
+    grid.gpu_grid(ci, Record.open(tmp_path / "gpu.json", "gpu", ci.fixed()))
+    assert len(seen) == n  # resumed: everything recorded
+
+
+def torch_module():
+    import torch
+    return torch.nn.Linear(1, 1)
+
+
+def test_protocol_grid_order_the_low_data_axis_after_k64_and_resume(tmp_path, monkeypatch):
+    """The CPU grid finishes K = 64 (rank sweep left to the GPU record), then the probe along K,
+    then K = 16 with every method's rate tuned again on validation; chapter 1's truncation runs
+    only at K = 64; a resumed grid runs nothing twice."""
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    ci = grid.PROTOCOLS["ci"]
+    seen, truncated = [], []
+
+    def fake_run(spec, proto, progress=False, read_test=True):
+        seen.append((spec.method, spec.r, spec.k, spec.variant, spec.lr, spec.seed, read_test))
+        if not read_test:
+            path = grid.state_path(proto.key(spec))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            import torch
+            torch.save({}, path)
+        return {"spec": grid.asdict(spec), "val_accuracy": 0.5 + spec.lr, "val_loss": 1.0, "curve": [], "steps": 10,
+                **({"test_accuracy": 0.5} if read_test else {})}
+
+    patch(monkeypatch, "run_protocol", fake_run)
+    patch(monkeypatch, "truncation", lambda record, truncations, spec, proto: truncated.append(spec.k))
+    patch(monkeypatch, "open_record", lambda name, proto, directory=None: None)
+    patch(monkeypatch, "score_on_test", lambda model, proto: {"test_accuracy": 0.5})
+    patch(monkeypatch, "prepare", lambda *a, **k: (torch_module(), None))
+    grid.protocol_grid(ci, Record.open(tmp_path / "cpu.json", "protocol", ci.fixed()))
+    assert truncated == [64]
+    assert not [s for s in seen if s[0] == "lora" and s[2] == 64 and s[1] in (1, 4, 16)]  # no CPU rank sweep
+    probes = [s[2] for s in seen if s[0] == "probe"]
+    assert probes == [64] * 3 + [16] * 3 + [256] * 3 + [None]  # the K axis of the cheap baseline
+    first16 = next(i for i, s in enumerate(seen) if s[2] == 16)
+    assert {s[2] for s in seen[:first16]} == {64} and {s[2] for s in seen[first16:]} - {16} <= {256, None, 64}
+    for method in ("lora", "head", "full", "ia3"):  # each rate grid re-run at K = 16, without reading test
+        grid16 = sorted(s[4] for s in seen if s[0] == method and s[2] == 16 and not s[3] and s[5] == 0 and not s[6])
+        assert grid16 and set(grid.LR_GRIDS[method]) <= set(grid16)
+    budget8 = [s[:3] for s in seen[first16:] if s[2] == 64]
+    assert budget8 and set(budget8) == {("lora", 8, 64), ("adalora", 8, 64)} and seen[-1][:3] == ("adalora", 8, 64)
+    n = len(seen)
+    grid.protocol_grid(ci, Record.open(tmp_path / "cpu.json", "protocol", ci.fixed()))
+    assert len(seen) == n

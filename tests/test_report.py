@@ -7,7 +7,7 @@ from peft_minimal.protocol import pack_correct
 
 def run(method, seed, lr, acc, k=64, test=True, curve=(0.2, 0.5, 0.6, 0.6), steps=40):
     r = {"spec": {"method": method, "seed": seed, "lr": lr, "k": k, "r": 8, "targets": ["query", "value"]}, "steps": steps,
-         "val_accuracy": max(curve), "trainable": 100, "curve": [{"step": 10 * (i + 1), "val_accuracy": a}
+         "val_accuracy": max(curve), "best_step": 10 * (list(curve).index(max(curve)) + 1), "trainable": 100, "curve": [{"step": 10 * (i + 1), "val_accuracy": a}
                                                                  for i, a in enumerate(curve)]}
     if test:
         labels = [0] * 10
@@ -38,6 +38,16 @@ def test_final_runs_are_the_tested_runs_of_one_configuration(record):
     record["runs"]["x"] = run("lora", 1, 1e-2, 0.3)
     with pytest.raises(ValueError, match="several rates"):
         report.final_runs(record, method="lora", k=64)
+
+
+def test_final_runs_never_mix_run_lengths(record):
+    """A configuration run again twice as long and read on test (the GPU record's budget-2 pair) is
+    another configuration: asking without ``steps`` raises, asking with it selects."""
+    record["runs"]["long"] = run("full", 0, 1e-4, 0.9, steps=80)
+    with pytest.raises(ValueError, match="several lengths"):
+        report.final_runs(record, method="full")
+    assert report.accuracies(report.final_runs(record, steps=80, method="full")) == [0.9]
+    assert report.accuracies(report.final_runs(record, steps=40, method="full")) == [0.5, 0.6, 0.6]
 
 
 def test_summary_paired_interval_and_table(record):
@@ -98,3 +108,11 @@ def test_final_runs_in_reads_a_configuration_from_whichever_record_holds_it(reco
         report.final_runs_in([main, main], method="full")
     with pytest.raises(ValueError, match="different protocols"):
         report.final_runs_in([chapter5, {**main, "scale": {"name": "full"}}], method="prefix")
+
+
+def test_plateau_check_sets_the_tuned_run_against_one_twice_as_long(record):
+    check = report.plateau_check(record, 40, method="lora", k=64)  # the fixture's 80-step run, test unread
+    assert check["lr"] == 3e-3 and check["short"] == 0.6 and check["long"] == 0.7
+    assert check["gain"] == pytest.approx(0.1) and (check["short_best_step"], check["long_best_step"]) == (30, 10)
+    with pytest.raises(LookupError, match="still running"):
+        report.plateau_check(record, 40, method="full")
