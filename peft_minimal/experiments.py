@@ -126,7 +126,7 @@ def _adalora(model: nn.Module, o: Options) -> None:
 # positions not shifted; LoRA r = 8 on query and value. The stand-alone adapter and prefix are
 # UniPELT's own components without their gates, so the comparison isolates the gates. Houlsby:
 # AdapterHub's DoubleSeqBn (two adapters a layer, swish) at the same size and init. Prompt tuning:
-# 20 soft tokens (peft's default; Lester et al. find gains level off around 20), peft's random init.
+# 20 soft tokens (the library's choice; Lester et al. find gains level off around 20), peft's random init.
 ADAPTER = unipelt.UniPELTConfig().bottleneck()
 PREFIX = unipelt.UniPELTConfig().prefix_config()
 PROMPT_TOKENS = 20
