@@ -88,6 +88,7 @@ class Options:
     steps: int
     alpha: float | None
     variant: str
+    size: int | None = None  # SIZED methods only: bottleneck b, or the number of virtual tokens P
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _adalora(model: nn.Module, o: Options) -> None:
 # positions not shifted; LoRA r = 8 on query and value. The stand-alone adapter and prefix are
 # UniPELT's own components without their gates, so the comparison isolates the gates. Houlsby:
 # AdapterHub's DoubleSeqBn (two adapters a layer, swish) at the same size and init. Prompt tuning:
-# 20 soft tokens (peft's default; Lester et al. find gains level off around 20), peft's random init.
+# 20 soft tokens (the library's choice; Lester et al. find gains level off around 20), peft's random init.
 ADAPTER = unipelt.UniPELTConfig().bottleneck()
 PREFIX = unipelt.UniPELTConfig().prefix_config()
 PROMPT_TOKENS = 20
@@ -137,6 +138,20 @@ def unipelt_config(**changes) -> unipelt.UniPELTConfig:
     return unipelt.UniPELTConfig(**{"modules_to_save": head(), **changes})
 
 
+def sized_adapter(model: nn.Module, o: Options, **changes) -> adapters.BottleneckConfig:
+    """The chapter's adapter, its bottleneck ``o.size`` if given (a divisor of the hidden size, so
+    that AdapterHub's reduction factor names it exactly)."""
+    if o.size is not None:
+        hidden = model.config.hidden_size
+        if o.size < 1 or hidden % o.size:
+            raise ValueError(f"an adapter's size (bottleneck) must divide the hidden size {hidden}; got {o.size}")
+        changes["reduction_factor"] = hidden // o.size
+    return replace(ADAPTER, modules_to_save=head(), **changes)
+
+
+SIZED = ("pfeiffer", "houlsby", "prefix", "prompt")  # the methods whose prepare() takes a size
+
+
 BUILDERS: dict[str, Builder] = {
     "head": Builder(_head_only, seeded=False),
     "full": Builder(lambda model, o: None, seeded=False),
@@ -145,12 +160,13 @@ BUILDERS: dict[str, Builder] = {
     "adalora": Builder(_adalora),  # seeded: P and Q's normal draws
     "ia3": Builder(lambda model, o: ia3.add_ia3(model, ia3.IA3Config.for_model(model, modules_to_save=head())),
                    seeded=False),  # the vectors start at one: nothing is drawn
-    "pfeiffer": Builder(lambda model, o: adapters.add_adapters(model, replace(ADAPTER, modules_to_save=head()))),
-    "houlsby": Builder(lambda model, o: adapters.add_adapters(model, replace(
-        ADAPTER, placement="houlsby", non_linearity="swish", modules_to_save=head()))),
-    "prefix": Builder(lambda model, o: prefix.add_prefix(model, replace(PREFIX, modules_to_save=head()))),
+    "pfeiffer": Builder(lambda model, o: adapters.add_adapters(model, sized_adapter(model, o))),
+    "houlsby": Builder(lambda model, o: adapters.add_adapters(model, sized_adapter(
+        model, o, placement="houlsby", non_linearity="swish"))),
+    "prefix": Builder(lambda model, o: prefix.add_prefix(model, replace(
+        PREFIX, num_virtual_tokens=o.size or PREFIX.num_virtual_tokens, modules_to_save=head()))),
     "prompt": Builder(lambda model, o: prompt.add_prompt(
-        model, prompt.PromptTuningConfig(PROMPT_TOKENS, modules_to_save=head()))),
+        model, prompt.PromptTuningConfig(o.size or PROMPT_TOKENS, modules_to_save=head()))),
     "unipelt-ap": Builder(lambda model, o: unipelt.add_unipelt(model, unipelt_config(lora=False))),
     "unipelt-apl": Builder(lambda model, o: unipelt.add_unipelt(model, unipelt_config())),
     "bitfit": Builder(lambda model, o: bitfit.add_bitfit(model, bitfit.BitFitConfig(modules_to_save=head())),
@@ -159,7 +175,7 @@ BUILDERS: dict[str, Builder] = {
 
 
 def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("query", "value"),
-            steps: int = 100, alpha: float | None = None, variant: str = ""):
+            steps: int = 100, alpha: float | None = None, variant: str = "", size: int | None = None):
     """MiniLM with a seeded head and the method applied, one of :data:`BUILDERS`: ``head``,
     ``lora``, ``adalora`` (``r`` is the target rank; the schedule needs the run's ``steps``),
     ``ia3``, ``full``, and chapter 5's ``pfeiffer``, ``houlsby``, ``prefix``, ``prompt``,
@@ -168,9 +184,12 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
     rank fixes it. ``variant="mean-pool"`` classifies the masked mean of the tokens
     (:func:`use_mean_pooling`). AdaLoRA's ablations (``variant``): ``no-penalty`` drops the
     orthogonality term, ``no-pruning`` trains P Λ Q at rank ``r`` from the start (no allocator
-    will run)."""
+    will run). ``size`` (chapter 6's budgets, :data:`SIZED` methods only): an adapter's bottleneck
+    or a prefix's or prompt's number of virtual tokens, instead of the paper's."""
     if method not in BUILDERS:
         raise ValueError(f"method must be one of {', '.join(BUILDERS)}; got {method!r}")
+    if size is not None and method not in SIZED:
+        raise ValueError(f"size applies to {', '.join(SIZED)} only; {method} got size={size}")
     model, tokenizer = load_encoder(num_labels=20, seed=seed)
     if variant == "mean-pool":  # the head reads the masked mean of the tokens, not [CLS] via the pooler
         use_mean_pooling(model)
@@ -179,7 +198,7 @@ def prepare(method: str, r: int = 8, seed: int = 0, targets: tuple[str, ...] = (
     build = BUILDERS[method]
     if build.seeded:
         seed_everything(seed)
-    build.apply(model, Options(r, tuple(targets), steps, alpha, variant))
+    build.apply(model, Options(r, tuple(targets), steps, alpha, variant, size))
     return model, tokenizer
 
 

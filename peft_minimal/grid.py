@@ -1,11 +1,12 @@
-"""The book's grids of runs: ``python -m peft_minimal.grid [protocol|unipelt] [--scale ci|full]``.
+"""The book's grids of runs: ``python -m peft_minimal.grid [protocol|unipelt|compare|gpu] [--scale ci|full]``.
 
 :func:`tuned_lr` picks each method's rate on validation alone (from ``LR_GRIDS``, widened past an
 edge), :func:`tuned_runs` adds seeds at that rate, :func:`plateau_check` re-runs a tuned
 configuration twice as long. :func:`protocol_grid` is the grid chapters 1-4 read, written run by
 run to ``results/protocol-<scale>.json`` so that a grid cut off anywhere resumes where it
 stopped; :func:`unipelt_grid` (``python -m peft_minimal.grid unipelt``) is chapter 5's, in
-``results/unipelt-<scale>.json``. One run is ``runs.run_protocol``::
+``results/unipelt-<scale>.json``, and :func:`compare_grid` chapter 6's (the methods at two
+budgets), in ``results/compare-<scale>.json``. One run is ``runs.run_protocol``::
 
     rate grid (seed 0, validation only) ──► best rate ──► its kept weights read on test
                                                   └─────► seeds 1, 2 at that rate, read on test
@@ -182,11 +183,41 @@ UNIPELT_METHODS = ("pfeiffer", "houlsby", "prefix", "prompt", "unipelt-ap", "uni
 def unipelt_grid(proto: Protocol, record) -> None:
     """Chapter 5's grid, resumable: at K = 16 per class, then K = 64, the Pfeiffer and Houlsby
     adapters, prefix and prompt tuning, UniPELT-AP and -APL, each at its tuned rate over 3 seeds
-    (:func:`tuned_runs`). The baselines (probe, LoRA r = 8, full, head) are the main grid's, at
-    the same protocol: ``report.final_runs_in`` reads a configuration from either record."""
+    (:func:`tuned_runs`); after K = 16, each of them once more with twice the steps
+    (:func:`plateau_check`: the first adapter curves were still rising at step 200). The
+    baselines (probe, LoRA r = 8, full, head) are the main grid's, at the same protocol:
+    ``report.final_runs_in`` reads a configuration from either record."""
     for k in (16, 64):
         for method in UNIPELT_METHODS:
             tuned_runs(record, RunSpec(method, k=k), proto=proto)
+        if k == 16:
+            for method in UNIPELT_METHODS:
+                plateau_check(record, RunSpec(method, k=k), proto)
+
+
+# Chapter 6's two budgets, in adapter numbers saved: about LoRA r = 2 and r = 8 on all six matrix
+# types (82,944 and 331,776 on MiniLM; AdaLoRA's budgets 2 and 8; four times apart, as AdaLoRA's
+# Table 1 goes from 0.32M to 1.27M on DeBERTaV3-base). Adapters at AdapterHub-style reduction
+# factors within 10% of them (Pfeiffer b = 16, 64: 76,128 and 297,600; Houlsby b = 8, 32: 78,432
+# and 299,904); the prefix exactly (P 2 L d with P = 18, 72; it trains its MLP besides).
+BUDGET_SIZES = {"pfeiffer": (16, 64), "houlsby": (8, 32), "prefix": (18, 72)}
+BUDGET_RANKS = (2, 8)
+
+
+def compare_grid(proto: Protocol, record) -> None:
+    """Chapter 6's grid, resumable, at K = 64 then K = 16 per class: every method the other
+    records lack at the two budgets, each at its tuned rate over 3 seeds (:func:`tuned_runs`):
+    BitFit, the Pfeiffer and Houlsby adapters and the prefix at :data:`BUDGET_SIZES`, and at
+    K = 16 LoRA and AdaLoRA on all six matrix types at ranks :data:`BUDGET_RANKS` (at K = 64 the
+    main grid holds them). The methods at the papers' settings (chapters 2-5) are read from the
+    ``protocol`` and ``unipelt`` records. The whole pool (1,200 steps a run) is left to a GPU."""
+    for k in (64, 16):
+        specs = [RunSpec("bitfit", k=k)]
+        specs += [RunSpec(method, k=k, size=size) for method, sizes in BUDGET_SIZES.items() for size in sizes]
+        if k != 64:
+            specs += [RunSpec(method, k=k, r=r, targets=ALL_SIX) for r in BUDGET_RANKS for method in ("lora", "adalora")]
+        for spec in specs:
+            tuned_runs(record, spec, proto=proto)
 
 
 def gpu_grid(proto: Protocol, record) -> None:
@@ -234,7 +265,7 @@ def gpu_grid(proto: Protocol, record) -> None:
         tuned_runs(record, spec, proto=proto)
 
 
-PROTOCOL_GRIDS = {"protocol": protocol_grid, "unipelt": unipelt_grid, "gpu": gpu_grid}
+PROTOCOL_GRIDS = {"protocol": protocol_grid, "unipelt": unipelt_grid, "compare": compare_grid, "gpu": gpu_grid}
 
 
 def open_record(name: str, proto: Protocol, directory: str | None = None):

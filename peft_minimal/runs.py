@@ -74,11 +74,14 @@ class RunSpec:
     r: int = 8
     targets: tuple[str, ...] = ("query", "value")
     variant: str = ""  # "mean-pool"; AdaLoRA's ablations "no-penalty", "no-pruning"
+    size: int | None = None  # an adapter's bottleneck b, a prefix's or prompt's P; None: the paper's setting
 
     def key(self) -> str:
         parts = [self.method, f"k={self.k or 'all'}", f"seed={self.seed}"]
         if self.method in ("lora", "adalora"):
             parts += [f"r={self.r}", "t=" + ",".join(self.targets)]
+        if self.size is not None:
+            parts.append(f"size={self.size}")
         if self.variant:
             parts.append(f"v={self.variant}")
         if self.method != "probe":
@@ -134,7 +137,7 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
         return run_probe(spec, proto)
     steps = proto.steps_for(spec.k)
     pool, _, _, val_set, _ = protocol_data(proto.max_length, proto.validation_per_class)
-    model, tokenizer = prepare(spec.method, spec.r, spec.seed, spec.targets, steps, LORA_ALPHA, spec.variant)
+    model, tokenizer = prepare(spec.method, spec.r, spec.seed, spec.targets, steps, LORA_ALPHA, spec.variant, spec.size)
     train_set = tokenize(tokenizer, few_shot(pool, spec.k, spec.seed), proto.max_length)
     config = TrainConfig(steps=steps, batch_size=proto.batch_size, lr=spec.lr, seed=spec.seed,
                          bf16=torch.cuda.is_available(), progress=progress, eval_every=proto.eval_every(spec.k),
@@ -218,7 +221,7 @@ def finish_on_test(record, key: str, proto: Protocol) -> dict:
     spec = RunSpec(**{**run["spec"], "targets": tuple(run["spec"]["targets"])})
     path = state_path(key)
     if path.is_file():
-        model, _ = prepare(spec.method, spec.r, spec.seed, spec.targets, run["steps"], LORA_ALPHA, spec.variant)
+        model, _ = prepare(spec.method, spec.r, spec.seed, spec.targets, run["steps"], LORA_ALPHA, spec.variant, spec.size)
         model.load_state_dict(torch.load(path), strict=False)
         fields = score_on_test(model.to(device()), proto)
     else:

@@ -55,6 +55,27 @@ def test_prepare_chapter5_methods_train_only_their_parameters_and_the_head(metho
         assert model(**batch).logits.shape == (2, 20)
 
 
+@pytest.mark.parametrize("method, size, count", [
+    ("pfeiffer", 16, 6 * (2 * 384 * 16 + 16 + 384)), ("houlsby", 8, 12 * (2 * 384 * 8 + 8 + 384)),
+    ("prompt", 7, 7 * 384)])
+def test_prepare_takes_a_size_for_chapter_6s_budgets(method, size, count):
+    model, _ = experiments.prepare(method, size=size)
+    assert count_parameters(model)[0] == count + HEAD
+
+
+def test_a_sized_prefix_saves_p_2_l_d_and_bad_sizes_are_refused(tmp_path):
+    from peft_minimal.io import read_adapter, save_adapter
+    model, _ = experiments.prepare("prefix", size=18)
+    save_adapter(model, tmp_path)
+    _, saved = read_adapter(tmp_path)
+    # chapter 6's small budget: 18 virtual tokens x 2 (K, V) x 6 layers x 384 = LoRA r = 2 on all six
+    assert sum(v.numel() for k, v in saved.items() if not k.startswith("classifier")) == 18 * 2 * 6 * 384 == 82_944
+    with pytest.raises(ValueError, match="divide the hidden size 384"):
+        experiments.prepare("pfeiffer", size=17)
+    with pytest.raises(ValueError, match="size applies to"):
+        experiments.prepare("lora", size=4)
+
+
 def test_missing_record_says_how_to_make_it():
     with pytest.raises(FileNotFoundError, match="python -m peft_minimal.experiments nothing"):
         experiments.load_record("nothing", "ci")

@@ -109,11 +109,11 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
     assert seen == [1e-3, 3e-3, 1e-2]  # an inner optimum: no extension
 
 
-@pytest.mark.parametrize("name", ["protocol", "gpu"])
+@pytest.mark.parametrize("name", ["protocol", "gpu", "unipelt"])
 def test_committed_protocol_record_is_consistent(name):
     """Every recorded run is named by its own configuration, and every run that read the test
-    split read all of it; rate-grid runs that lost kept the test split unread (the CPU record
-    and the GPU record alike)."""
+    split read all of it; rate-grid runs that lost kept the test split unread (the CPU record,
+    the GPU record and chapter 5's record alike)."""
     record = experiments.load_record(name, "ci")
     proto = grid.PROTOCOLS["ci"]
     assert record["scale"] == proto.fixed()
@@ -194,15 +194,18 @@ def test_unipelt_grid_tunes_each_method_at_k16_then_k64_and_resumes(tmp_path, mo
     ci = grid.PROTOCOLS["ci"]
     grid.unipelt_grid(ci, Record.open(tmp_path / "u.json", "unipelt", ci.fixed()))
     expected = [(k, m, lr, 0, False) for k in (16, 64) for m in grid.UNIPELT_METHODS for lr in grid.LR_GRIDS[m]]
+    plateau = [(16, m, grid.LR_GRIDS[m][1], 0, False) for m in grid.UNIPELT_METHODS]  # twice the steps, K = 16
+    first_64 = len(grid.UNIPELT_METHODS) * 3
+    expected = expected[:first_64] + plateau + expected[first_64:]
     assert [c for c in calls if c[3] == 0] == expected  # K = 16 first; each method's rate grid on validation
     for k in (16, 64):
         for m in grid.UNIPELT_METHODS:  # then seeds 1 and 2 at the winning rate, read on test
-            mine = [c for c in calls if c[:2] == (k, m)]
-            assert mine[3:] == [(k, m, grid.LR_GRIDS[m][1], seed, True) for seed in (1, 2)]
+            mine = [c for c in calls if c[:2] == (k, m) and c[3] > 0]
+            assert mine == [(k, m, grid.LR_GRIDS[m][1], seed, True) for seed in (1, 2)]
     assert set(grid.UNIPELT_METHODS) <= set(grid.LR_GRIDS) and grid.PROTOCOL_GRIDS["unipelt"] is grid.unipelt_grid
     n = len(calls)
     grid.unipelt_grid(ci, Record.open(tmp_path / "u.json", "unipelt", ci.fixed()))  # resumed: all recorded
-    assert len(calls) == n == 2 * 6 * 5
+    assert len(calls) == n == 2 * 6 * 5 + 6
 
 
 def test_run_protocol_records_unipelt_gates_and_step_time(monkeypatch, tiny_bert):
@@ -331,3 +334,35 @@ def test_protocol_grid_order_the_low_data_axis_after_k64_and_resume(tmp_path, mo
     n = len(seen)
     grid.protocol_grid(ci, Record.open(tmp_path / "cpu.json", "protocol", ci.fixed()))
     assert len(seen) == n
+
+
+def test_compare_grid_runs_each_budget_at_k64_then_k16_and_resumes(tmp_path, monkeypatch, tiny_bert):
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    calls = []
+    patch(monkeypatch, "run_protocol", fake_protocol_run(
+        calls, lambda spec, read_test: (spec.k, spec.method, spec.size, spec.r if spec.method in ("lora", "adalora") else None,
+                                        spec.seed, read_test),
+        lambda spec: 0.6 if spec.lr == grid.LR_GRIDS[spec.method][1] else 0.5))
+    patch(monkeypatch, "prepare", lambda *a, **k: (tiny_bert, None))
+    patch(monkeypatch, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
+    ci = grid.PROTOCOLS["ci"]
+    grid.compare_grid(ci, Record.open(tmp_path / "c.json", "compare", ci.fixed()))
+    configs = list(dict.fromkeys(c[:4] for c in calls))
+    sized = [(m, s) for m, sizes in grid.BUDGET_SIZES.items() for s in sizes]
+    at64 = [(64, "bitfit", None, None)] + [(64, m, s, None) for m, s in sized]
+    at16 = ([(16, "bitfit", None, None)] + [(16, m, s, None) for m, s in sized]
+            + [(16, m, None, r) for r in grid.BUDGET_RANKS for m in ("lora", "adalora")])
+    assert configs == at64 + at16  # K = 64 first; LoRA/AdaLoRA budgets at K = 16 only (the main grid has K = 64)
+    assert all(sum(c[:4] == config for c in calls) == 5 for config in configs)  # 3 rates + 2 seeds each
+    n = len(calls)
+    grid.compare_grid(ci, Record.open(tmp_path / "c.json", "compare", ci.fixed()))  # resumed: all recorded
+    assert len(calls) == n
+    assert grid.PROTOCOL_GRIDS["compare"] is grid.compare_grid
+
+
+def test_run_spec_names_its_size_only_when_set():
+    plain, sized = grid.RunSpec("pfeiffer", lr=1e-3, k=16), grid.RunSpec("pfeiffer", lr=1e-3, k=16, size=64)
+    assert "size" not in plain.key() and "|size=64|" in sized.key()
+    assert plain.key() == "pfeiffer|k=16|seed=0|lr=0.001"  # the records' keys of chapter 5 stay valid
