@@ -1,8 +1,9 @@
 """Speed benchmark: ``python -m peft_minimal.bench lora [--reps N]``.
 
 Timing targets live here, not in tests: they print ratios measured in one process, with the
-two contenders interleaved (A, B, A, B, ...) so that both see the same machine state, and
-the median of the per-pair ratios is reported.
+contenders interleaved (A, B, A, B, ...; several in turn with :func:`round_robin`, the order
+reversed every other round) so that all see the same machine state, and the median of the
+per-round ratios is reported.
 
 ``lora`` compares, on MiniLM with the same batch and targets (query, value; r = 8):
 * a ``peft_minimal`` LoRA training step against a Hugging Face ``peft`` LoRA step
@@ -46,23 +47,36 @@ from .models import device, load_encoder
 from .train import model_inputs, seed_everything
 
 
-def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], reps: int, warmup: int = 3) -> tuple[float, float, float]:
-    """Median over ``reps`` pairs of time(a) / time(b), with the median times of each."""
+def round_robin(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each of ``fns``, ``reps`` times, taking turns: every round calls each once, in
+    the given order on even rounds and reversed on odd ones, so no contender always runs right
+    after the same neighbour (or always first, with the warmest cache). ``warmup`` untimed rounds first."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
-        a(), b()
-    times_a, times_b = [], []
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(reps):
-        # alternate which runs first, so neither always gets the warmer cache
-        order = [(a, times_a), (b, times_b)] if i % 2 == 0 else [(b, times_b), (a, times_a)]
-        for fn, times in order:
+        for name in (names if i % 2 == 0 else names[::-1]):
             sync()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
-            times.append(time.perf_counter() - start)
-    ratios = [x / y for x, y in zip(times_a, times_b)]
-    return statistics.median(ratios), statistics.median(times_a), statistics.median(times_b)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Per contender, the median over rounds of its time / the reference's time in the same round."""
+    ref = times[reference]
+    return {name: statistics.median(t / r for t, r in zip(ts, ref, strict=True)) for name, ts in times.items()}
+
+
+def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], reps: int, warmup: int = 3) -> tuple[float, float, float]:
+    """Median over ``reps`` pairs of time(a) / time(b), with the median times of each."""
+    times = round_robin({"a": a, "b": b}, reps, warmup)
+    return median_ratios(times, "b")["a"], statistics.median(times["a"]), statistics.median(times["b"])
 
 
 def training_step(model: torch.nn.Module, inputs: dict) -> Callable[[], None]:
