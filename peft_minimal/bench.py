@@ -1,9 +1,16 @@
-"""Speed benchmark: ``python -m peft_minimal.bench lora [--reps N]``.
+"""Speed benchmarks: ``python -m peft_minimal.bench {all,lora,adalora,ia3,bf16} [--reps N]``.
 
 Timing targets live here, not in tests: they print ratios measured in one process, with the
 contenders interleaved (A, B, A, B, ...; several in turn with :func:`round_robin`, the order
 reversed every other round) so that all see the same machine state, and the median of the
 per-round ratios is reported.
+
+``all`` (:mod:`peft_minimal.bench_all`) is the one table for every method of
+:func:`peft_minimal.experiments.prepare`: training step against full fine-tuning and against
+Hugging Face ``peft`` where it has the method, unmerged and merged inference against the base
+model, peak memory and trainable parameters, written to ``results/bench-<device>.json`` for the
+chapters. It takes ``--batch-size``, ``--length`` and ``--json``; the sections below are the
+older single-method benchmarks it grew from.
 
 ``lora`` compares, on MiniLM with the same batch and targets (query, value; r = 8):
 * a ``peft_minimal`` LoRA training step against a Hugging Face ``peft`` LoRA step
@@ -253,11 +260,18 @@ BENCHES = {"lora": bench_lora, "adalora": bench_adalora, "ia3": bench_ia3, "bf16
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="peft_minimal speed benchmarks (ratios)")
-    parser.add_argument("method", choices=sorted(BENCHES))
+    parser.add_argument("method", choices=["all"] + sorted(BENCHES))
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128, help="tokens per message (the batch is cut to its longest)")
+    parser.add_argument("--json", default=None, help="all: where to write the table (default results/bench-<device>.json)")
     args = parser.parse_args(argv)
     print(f"device: {device()}, torch threads: {torch.get_num_threads()}")
-    BENCHES[args.method](args.reps)
+    if args.method == "all":
+        from . import bench_all
+        bench_all.main_all(args.reps, args.batch_size, args.length, args.json)
+    else:
+        BENCHES[args.method](args.reps, args.batch_size, args.length)
 
 
 if __name__ == "__main__":
