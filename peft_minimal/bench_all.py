@@ -15,8 +15,9 @@ fixed batch of 20 Newsgroups messages (default 32 x 128 tokens):
   (:func:`peft_minimal.registry.merge_and_unload`) where the method can merge; target for merged
   1.00 +/- 0.02, since a merged model *is* a plain model;
 * **peak memory of a training step**: each method built alone in a fresh subprocess that runs a
-  few steps on the same batch; CUDA ``max_memory_allocated``, or on a CPU the process's peak RSS
-  (``ru_maxrss``, which includes Python, torch and the loaded model), in MiB and / full fine-tuning;
+  few steps on the same batch; CUDA ``max_memory_allocated``, or on a CPU the process's peak
+  resident set while stepping (Python, torch and the model included; :func:`measure_memory`),
+  in MiB and / full fine-tuning, and what the steps add to the built model's memory;
 * **trainable parameters** (the task head included, as peft counts them).
 
 The table is printed with each target beside the ratio it applies to, and everything is written
@@ -196,24 +197,57 @@ def merged_copy(model: nn.Module) -> nn.Module | None:
 
 # --- peak memory: each method alone in a fresh process ---
 
-def _peak_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def _status_mib(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from Linux's /proc, in MiB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Restart this process's VmHWM from its current RSS (Linux >= 4.0); False where that cannot be done."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _ru_maxrss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def measure_memory(method: str, inputs: dict, steps: int, build: Build) -> dict[str, float]:
-    """In this process: build ``method``, then ``steps`` training steps; MiB before and at the peak."""
+def measure_memory(method: str, inputs: dict, steps: int, build: Build) -> dict:
+    """In this process: build ``method``, then ``steps`` training steps. ``built_mib``: memory held
+    once the model is built; ``peak_mib``: the peak while stepping, of the whole process (CUDA:
+    allocated tensors; CPU: resident set, so Python, torch and the model count too).
+
+    On a CPU the peak is Linux's VmHWM restarted after the build, so loading the checkpoint does not
+    count. Not ``ru_maxrss``: a subprocess inherits its parent's peak through ``exec`` (a fresh
+    Python started by a 3 GiB benchmark reports 3 GiB), and loading can peak above the steps.
+    Without /proc (macOS) it falls back to ``ru_maxrss``, loading included (``measure`` says which)."""
     dev = inputs["input_ids"].device
     model = build(method).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    built = _peak_mib()
+        built, measure = torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
+    else:
+        built = _status_mib("VmRSS") or _ru_maxrss_mib()
+        measure = "VmHWM after the build" if _reset_peak_rss() else "ru_maxrss, loading included"
     step = ours(model).step(inputs)
     for _ in range(steps):
         step()
-    return {"built_mib": built, "peak_mib": _peak_mib()}
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = _status_mib("VmHWM") if measure.startswith("VmHWM") else _ru_maxrss_mib()
+    return {"built_mib": built, "peak_mib": peak, "step_extra_mib": peak - built, "measure": measure}
 
 
 def memory_in_subprocess(method: str, inputs: dict, steps: int = 3, adalora_steps: int = 100) -> dict[str, float]:
@@ -306,7 +340,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def table(methods: dict[str, dict]) -> str:
     """The printed table: one row per method, each target beside its ratio."""
     head = (f"{'method':<12} {'trainable':>11} {'step/full':>9} {'step/peft (<=1.00)':>20} "
-            f"{'infer/base':>10} {'merged/base (1.00+-0.02)':>25} {'peak mem/full (MiB)':>20}")
+            f"{'infer/base':>10} {'merged/base (1.00+-0.02)':>25} {'peak mem/full (MiB, +steps)':>28}")
     rows = [head, "-" * len(head)]
     for m, r in methods.items():
         peft_col = "—"
@@ -316,9 +350,10 @@ def table(methods: dict[str, dict]) -> str:
         if "merged_vs_base" in r:
             merged_col = f"{r['merged_vs_base']:.3f} {'met' if r['merged_target_met'] else 'MISSED'}"
         mem = r.get("memory")
-        mem_col = "—" if not mem else f"{_fmt(mem.get('peak_vs_full'), '.2f')} ({mem['peak_mib']:.0f})"
+        mem_col = "—" if not mem else (f"{_fmt(mem.get('peak_vs_full'), '.2f')} ({mem['peak_mib']:.0f}, "
+                                       f"+{mem['peak_mib'] - mem['built_mib']:.0f})")
         rows.append(f"{m:<12} {r['trainable']:>11,} {_fmt(r.get('step_vs_full')):>9} {peft_col:>20} "
-                    f"{_fmt(r.get('inference_vs_base')):>10} {merged_col:>25} {mem_col:>20}")
+                    f"{_fmt(r.get('inference_vs_base')):>10} {merged_col:>25} {mem_col:>28}")
     return "\n".join(rows)
 
 
@@ -332,7 +367,7 @@ def record(result: dict, inputs: dict, reps: int, warmup: int, memory_steps: int
             "batch": {"batch_size": inputs["input_ids"].shape[0], "length": inputs["input_ids"].shape[1]},
             "reps": reps, "warmup": warmup, "memory_steps": memory_steps,
             "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda"
-            else "peak RSS (ru_maxrss) of a fresh process: Python, torch, the model and the steps",
+            else "peak resident set (VmHWM) of a fresh process while stepping: Python, torch, the model, the steps",
             "targets": {"step_vs_peft": f"<= {STEP_TARGET:.2f}", "merged_vs_base": "1.00 +/- 0.02"},
             "wall_seconds": round(seconds, 1), **result}
 

@@ -147,9 +147,24 @@ def test_merged_copy_gives_the_unmerged_outputs(tiny, method):
     assert bench_all.max_output_difference(merged, model, inputs) < 1e-5
 
 
-def test_memory_subprocess_reports_a_positive_peak():
-    """A fresh process builds MiniLM with the method and takes one step on a tiny batch."""
+def test_memory_subprocess_reports_its_own_positive_peak():
+    """A fresh process builds MiniLM with the method and takes one step on a tiny batch. Its peak is
+    its own: with ``ru_maxrss`` it would report this process's 1 GiB ballast, inherited through exec."""
     inputs = {"input_ids": torch.randint(1000, 2000, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
               "labels": torch.tensor([0, 1])}
+    ballast = torch.ones(2**28)  # 1 GiB, every page touched
+    ours_now = bench_all._status_mib("VmRSS")
     result = bench_all.memory_in_subprocess("ia3", inputs, steps=1)
-    assert result["peak_mib"] >= result["built_mib"] > 0
+    assert result["peak_mib"] >= result["built_mib"] > 0 and result["measure"]
+    if ours_now is not None:  # Linux
+        assert result["measure"] == "VmHWM after the build" and result["peak_mib"] < ours_now - 512
+    del ballast
+
+
+def test_peak_memory_counts_the_steps_not_what_came_before(tiny):
+    """In process: the peak restarts once the model is built, so a big allocation before does not count."""
+    build, _, inputs = tiny
+    ballast = torch.ones(2**26)  # 256 MiB, freed before the build
+    del ballast
+    result = bench_all.measure_memory("lora", inputs, 1, build)
+    assert 0 < result["built_mib"] <= result["peak_mib"] < result["built_mib"] + 200
