@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from peft_minimal import bench, bench_all, experiments
+from peft_minimal import bench, bench_all, bench_twin, experiments
 
 peft = pytest.importorskip("peft")
 
@@ -121,15 +121,15 @@ def test_peft_model_computes_what_ours_computes(tiny, method):
     """Same logits, same training loss (AdaLoRA: its penalty included) and gradients at the same weights."""
     build, plain, inputs = tiny
     model = perturbed(build(method))
-    assert bench_all.max_output_difference(model, plain(), inputs) > 1e-3  # the adapter does something
-    ours, theirs = bench_all.ours(model), bench_all.peft_twin(model, plain())
-    assert bench_all.max_output_difference(model, theirs.model, inputs) < 1e-5
+    assert bench_twin.max_output_difference(model, plain(), inputs) > 1e-3  # the adapter does something
+    ours, theirs = bench_twin.ours(model), bench_twin.peft_twin(model, plain())
+    assert bench_twin.max_output_difference(model, theirs.model, inputs) < 1e-5
     for c in (ours, theirs):
         c.model.train()
     want, got = ours.loss(inputs), theirs.loss(inputs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     want.backward(), got.backward()
-    mine, peft_grads = dict(model.named_parameters()), bench_all.peft_trainable(theirs.model)
+    mine, peft_grads = dict(model.named_parameters()), bench_twin.peft_trainable(theirs.model)
     assert peft_grads.keys() == {n for n, p in mine.items() if p.requires_grad}
     for name, p in peft_grads.items():
         torch.testing.assert_close(p.grad, mine[name].grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -144,7 +144,7 @@ def test_merged_copy_gives_the_unmerged_outputs(tiny, method):
         assert merged is None
         return
     assert merged is not model
-    assert bench_all.max_output_difference(merged, model, inputs) < 1e-5
+    assert bench_twin.max_output_difference(merged, model, inputs) < 1e-5
 
 
 def test_memory_subprocess_reports_its_own_positive_peak():
