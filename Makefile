@@ -56,6 +56,7 @@ check-book: book
 	$(PY) tests/browser/check_book.py _build/html
 
 bench: install
+	$(PY) -m peft_minimal.bench all
 	$(PY) -m peft_minimal.bench lora
 	$(PY) -m peft_minimal.bench adalora
 	$(PY) -m peft_minimal.bench ia3

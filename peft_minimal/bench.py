@@ -1,8 +1,16 @@
-"""Speed benchmark: ``python -m peft_minimal.bench lora [--reps N]``.
+"""Speed benchmarks: ``python -m peft_minimal.bench {all,lora,adalora,ia3,bf16} [--reps N]``.
 
 Timing targets live here, not in tests: they print ratios measured in one process, with the
-two contenders interleaved (A, B, A, B, ...) so that both see the same machine state, and
-the median of the per-pair ratios is reported.
+contenders interleaved (A, B, A, B, ...; several in turn with :func:`round_robin`, the order
+reversed every other round) so that all see the same machine state, and the median of the
+per-round ratios is reported.
+
+``all`` (:mod:`peft_minimal.bench_all`) is the one table for every method of
+:func:`peft_minimal.experiments.prepare`: training step against full fine-tuning and against
+Hugging Face ``peft`` where it has the method, unmerged and merged inference against the base
+model, peak memory and trainable parameters, written to ``results/bench-<device>.json`` for the
+chapters. It takes ``--batch-size``, ``--length`` and ``--json``; the sections below are the
+older single-method benchmarks it grew from.
 
 ``lora`` compares, on MiniLM with the same batch and targets (query, value; r = 8):
 * a ``peft_minimal`` LoRA training step against a Hugging Face ``peft`` LoRA step
@@ -46,23 +54,36 @@ from .models import device, load_encoder
 from .train import model_inputs, seed_everything
 
 
-def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], reps: int, warmup: int = 3) -> tuple[float, float, float]:
-    """Median over ``reps`` pairs of time(a) / time(b), with the median times of each."""
+def round_robin(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each of ``fns``, ``reps`` times, taking turns: every round calls each once, in
+    the given order on even rounds and reversed on odd ones, so no contender always runs right
+    after the same neighbour (or always first, with the warmest cache). ``warmup`` untimed rounds first."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
-        a(), b()
-    times_a, times_b = [], []
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(reps):
-        # alternate which runs first, so neither always gets the warmer cache
-        order = [(a, times_a), (b, times_b)] if i % 2 == 0 else [(b, times_b), (a, times_a)]
-        for fn, times in order:
+        for name in (names if i % 2 == 0 else names[::-1]):
             sync()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
-            times.append(time.perf_counter() - start)
-    ratios = [x / y for x, y in zip(times_a, times_b)]
-    return statistics.median(ratios), statistics.median(times_a), statistics.median(times_b)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Per contender, the median over rounds of its time / the reference's time in the same round."""
+    ref = times[reference]
+    return {name: statistics.median(t / r for t, r in zip(ts, ref, strict=True)) for name, ts in times.items()}
+
+
+def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], reps: int, warmup: int = 3) -> tuple[float, float, float]:
+    """Median over ``reps`` pairs of time(a) / time(b), with the median times of each."""
+    times = round_robin({"a": a, "b": b}, reps, warmup)
+    return median_ratios(times, "b")["a"], statistics.median(times["a"]), statistics.median(times["b"])
 
 
 def training_step(model: torch.nn.Module, inputs: dict) -> Callable[[], None]:
@@ -239,11 +260,18 @@ BENCHES = {"lora": bench_lora, "adalora": bench_adalora, "ia3": bench_ia3, "bf16
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="peft_minimal speed benchmarks (ratios)")
-    parser.add_argument("method", choices=sorted(BENCHES))
+    parser.add_argument("method", choices=["all"] + sorted(BENCHES))
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128, help="tokens per message (the batch is cut to its longest)")
+    parser.add_argument("--json", default=None, help="all: where to write the table (default results/bench-<device>.json)")
     args = parser.parse_args(argv)
     print(f"device: {device()}, torch threads: {torch.get_num_threads()}")
-    BENCHES[args.method](args.reps)
+    if args.method == "all":
+        from . import bench_all
+        bench_all.main_all(args.reps, args.batch_size, args.length, args.json)
+    else:
+        BENCHES[args.method](args.reps, args.batch_size, args.length)
 
 
 if __name__ == "__main__":
