@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 CHAPTERS = sorted((Path(__file__).resolve().parent.parent / "chapters").glob("*.ipynb"))
-MODULES = ("experiments", "grid", "report", "protocol", "lora", "adalora", "ia3", "fewshot", "svd", "bench")
+MODULES = ("experiments", "grid", "report", "protocol", "lora", "adalora", "ia3", "fewshot", "svd", "bench",
+           "serve", "registry", "io")
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
