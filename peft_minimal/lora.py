@@ -88,7 +88,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         # Dropout acts on the LoRA branch only: the frozen path must see the input unchanged.
-        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        h = self.lora_A(self.lora_dropout(x))
+        # result + scaling * h B^T in one GEMM (addmm): no (..., d_out) temporaries for the scaling and
+        # the sum, forward or backward, which is most of the time the branch adds beyond its thin matmuls.
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
+                          alpha=self.scaling)
+        return out.view(result.shape)
 
     def merge(self) -> None:
         if self.merged:
