@@ -44,6 +44,7 @@ import argparse
 import copy
 import statistics
 import time
+from math import comb
 from typing import Callable
 
 import torch
@@ -76,8 +77,42 @@ def round_robin(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 3) 
 
 def median_ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
     """Per contender, the median over rounds of its time / the reference's time in the same round."""
-    ref = times[reference]
-    return {name: statistics.median(t / r for t, r in zip(ts, ref, strict=True)) for name, ts in times.items()}
+    return {name: statistics.median(ratio_times(times, name, reference)) for name in times}
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of ``values`` (here: per-round time ratios):
+    the order statistics ``x_(k)`` and ``x_(n-k+1)`` with the largest ``k`` such that a
+    Binomial(n, 1/2) count falls below ``k`` with probability at most (1 - confidence) / 2.
+    Returns (low, high, coverage); with too few rounds for ``confidence`` (n < 6 at 95%), the
+    whole range and the coverage it has."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    tail, below, k = (1 - confidence) / 2, 0.0, 0   # below = P(B <= k - 1)
+    while k < n // 2 and below + comb(n, k) / 2 ** n <= tail:
+        below += comb(n, k) / 2 ** n
+        k += 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k], 1 - 2 * sum(comb(n, i) for i in range(k)) / 2 ** n
+
+
+def ratio_verdict(low: float, high: float, lower_bound: float | None, upper_bound: float) -> str:
+    """A target read against a ratio's interval: ``met`` when the whole interval is inside
+    [lower_bound, upper_bound], ``missed`` when the whole interval is outside, otherwise
+    ``within noise`` (the rounds cannot tell)."""
+    lower_bound = -float("inf") if lower_bound is None else lower_bound
+    if lower_bound <= low and high <= upper_bound:
+        return "met"
+    if high < lower_bound or low > upper_bound:
+        return "missed"
+    return "within noise"
+
+
+def ratio_times(times: dict[str, list[float]], name: str, reference: str) -> list[float]:
+    """The per-round ratios time(name) / time(reference) of a :func:`round_robin` result."""
+    return [t / r for t, r in zip(times[name], times[reference], strict=True)]
 
 
 def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], reps: int, warmup: int = 3) -> tuple[float, float, float]:

@@ -7,10 +7,13 @@ fixed batch of 20 Newsgroups messages (default 32 x 128 tokens):
 * **training step / full fine-tuning**: a step is forward, backward and AdamW (AdaLoRA's also its
   orthogonality penalty and its rank allocator, pruning at every timed step); all methods take
   turns in one process (:func:`peft_minimal.bench.round_robin`), the median of per-round ratios;
+  every ratio comes with a distribution-free 95% interval for that median
+  (:func:`peft_minimal.bench.median_interval`), and a target is read against the interval:
+  ``met`` (all of it inside), ``missed`` (all outside) or ``within noise``;
 * **training step / peft** for the methods Hugging Face ``peft`` has (LoRA, AdaLoRA, (IA)³, prefix
   and prompt tuning): ``peft``'s model is built from *our* config and holds *our* weights
   (:func:`~peft_minimal.bench_twin.peft_twin`; :func:`~peft_minimal.bench_twin.max_output_difference` checks that both compute the same logits), the
-  two steps interleaved (:func:`peft_minimal.bench.interleaved_ratio`); target <= 1.00;
+  two steps interleaved; target <= 1.00;
 * **inference / base model** (eval, no_grad): unmerged, and merged
   (:func:`peft_minimal.registry.merge_and_unload`) where the method can merge; target for merged
   1.00 +/- 0.02, since a merged model *is* a plain model;
@@ -43,7 +46,7 @@ import torch
 from torch import nn
 
 from . import experiments, registry
-from .bench import encoder_and_batch, inference, interleaved_ratio, median_ratios, round_robin
+from .bench import encoder_and_batch, inference, median_interval, median_ratios, ratio_times, ratio_verdict, round_robin
 from .bench_twin import Contender, max_output_difference, ours, peft_twin
 from .layers import count_parameters
 from .models import device
@@ -165,18 +168,29 @@ def run_all(inputs: dict, build: Build, plain: Callable[[], nn.Module], reps: in
     return {"base_inference_ms": base_ms, "methods": out}
 
 
+def interval_fields(times: dict[str, list[float]], name: str, reference: str, prefix: str) -> dict:
+    """``<prefix>_interval``: the 95% interval of the median per-round ratio (:func:`median_interval`)."""
+    low, high, coverage = median_interval(ratio_times(times, name, reference))
+    return {f"{prefix}_interval": [low, high], f"{prefix}_interval_coverage": round(coverage, 3)}
+
+
 def time_training(steps: dict[str, Callable[[], None]], twins: dict[str, Contender], inputs: dict, reps: int,
                   warmup: int, out: dict[str, dict]) -> None:
     """All steps in turn (ratios to full fine-tuning's), then each against its peft twin's."""
     print(f"training steps, {len(steps)} methods in turn, {reps} rounds ...", flush=True)
     times = round_robin(steps, reps, warmup)
-    for m, ratio in median_ratios(times, "full" if "full" in steps else next(iter(steps))).items():
-        out[m].update(step_ms=statistics.median(times[m]) * 1e3, step_vs_full=ratio)
+    reference = "full" if "full" in steps else next(iter(steps))
+    for m, ratio in median_ratios(times, reference).items():
+        out[m].update(step_ms=statistics.median(times[m]) * 1e3, step_vs_full=ratio,
+                      **interval_fields(times, m, reference, "step_vs_full"))
     for m, twin in twins.items():
         print(f"{m}: ours vs peft, {reps} pairs ...", flush=True)
-        ratio, t_ours, t_peft = interleaved_ratio(steps[m], twin.step(inputs), reps, warmup)
-        out[m]["peft"].update(step_ratio=ratio, ours_ms=t_ours * 1e3, peft_ms=t_peft * 1e3,
-                              target=f"<= {STEP_TARGET:.2f}", target_met=ratio <= STEP_TARGET)
+        pair = round_robin({"ours": steps[m], "peft": twin.step(inputs)}, reps, warmup)
+        ratio = median_ratios(pair, "peft")["ours"]
+        fields = interval_fields(pair, "ours", "peft", "step_ratio")
+        out[m]["peft"].update(step_ratio=ratio, ours_ms=statistics.median(pair["ours"]) * 1e3,
+                              peft_ms=statistics.median(pair["peft"]) * 1e3, **fields,
+                              target=f"<= {STEP_TARGET:.2f}", verdict=ratio_verdict(*fields["step_ratio_interval"], None, STEP_TARGET))
 
 
 def time_inference(models: dict[str, nn.Module], base: nn.Module, inputs: dict, reps: int, warmup: int,
@@ -194,11 +208,13 @@ def time_inference(models: dict[str, nn.Module], base: nn.Module, inputs: dict, 
     times = round_robin(runs, reps, warmup)
     ratios = median_ratios(times, "base")
     for m in models:
-        out[m].update(inference_ms=statistics.median(times[m]) * 1e3, inference_vs_base=ratios[m])
+        out[m].update(inference_ms=statistics.median(times[m]) * 1e3, inference_vs_base=ratios[m],
+                      **interval_fields(times, m, "base", "inference_vs_base"))
         if f"{m}+merged" in ratios:
             r = ratios[f"{m}+merged"]
-            out[m].update(merged_ms=statistics.median(times[f"{m}+merged"]) * 1e3, merged_vs_base=r,
-                          merged_target="1.00 +/- 0.02", merged_target_met=MERGED_TARGET[0] <= r <= MERGED_TARGET[1])
+            fields = interval_fields(times, f"{m}+merged", "base", "merged_vs_base")
+            out[m].update(merged_ms=statistics.median(times[f"{m}+merged"]) * 1e3, merged_vs_base=r, **fields,
+                          merged_target="1.00 +/- 0.02", merged_verdict=ratio_verdict(*fields["merged_vs_base_interval"], *MERGED_TARGET))
     return statistics.median(times["base"]) * 1e3
 
 
@@ -206,23 +222,30 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def with_interval(r: dict, key: str, verdict: str | None = None) -> str:
+    """``0.986 [0.97, 1.00]`` and the verdict, if any: a ratio with its 95% interval over rounds."""
+    low, high = r[f"{key}_interval"]
+    return f"{r[key]:.3f} [{low:.2f}, {high:.2f}]" + (f" {verdict}" if verdict else "")
+
+
 def table(methods: dict[str, dict]) -> str:
-    """The printed table: one row per method, each target beside its ratio."""
-    head = (f"{'method':<12} {'trainable':>11} {'step/full':>9} {'step/peft (<=1.00)':>20} "
-            f"{'infer/base':>10} {'merged/base (1.00+-0.02)':>25} {'peak mem/full (MiB, +steps)':>28}")
+    """The printed table: one row per method, each ratio with its 95% interval over the rounds
+    and, where a target applies, the verdict of the interval against it (:func:`ratio_verdict`)."""
+    head = (f"{'method':<12} {'trainable':>11} {'step/full':>9} {'step/peft (<=1.00)':>33} "
+            f"{'infer/base':>10} {'merged/base (1.00+-0.02)':>33} {'peak mem/full (MiB, +steps)':>28}")
     rows = [head, "-" * len(head)]
     for m, r in methods.items():
         peft_col = "—"
         if "step_ratio" in r.get("peft", {}):
-            peft_col = f"{r['peft']['step_ratio']:.3f} {'met' if r['peft']['target_met'] else 'MISSED'}"
+            peft_col = with_interval(r["peft"], "step_ratio", r["peft"]["verdict"])
         merged_col = "cannot merge" if m not in ("full", "head") else "plain model"
         if "merged_vs_base" in r:
-            merged_col = f"{r['merged_vs_base']:.3f} {'met' if r['merged_target_met'] else 'MISSED'}"
+            merged_col = with_interval(r, "merged_vs_base", r["merged_verdict"])
         mem = r.get("memory")
         mem_col = "—" if not mem else (f"{_fmt(mem.get('peak_vs_full'), '.2f')} ({mem['peak_mib']:.0f}, "
                                        f"+{mem['peak_mib'] - mem['built_mib']:.0f})")
-        rows.append(f"{m:<12} {r['trainable']:>11,} {_fmt(r.get('step_vs_full')):>9} {peft_col:>20} "
-                    f"{_fmt(r.get('inference_vs_base')):>10} {merged_col:>25} {mem_col:>28}")
+        rows.append(f"{m:<12} {r['trainable']:>11,} {_fmt(r.get('step_vs_full')):>9} {peft_col:>33} "
+                    f"{_fmt(r.get('inference_vs_base')):>10} {merged_col:>33} {mem_col:>28}")
     return "\n".join(rows)
 
 

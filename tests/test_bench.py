@@ -106,11 +106,14 @@ def test_all_covers_every_method_and_writes_the_json(tiny, monkeypatch, tmp_path
         assert r["memory"]["peak_vs_full"] == (1.0 if m == "full" else 0.75)
         assert ("merged_vs_base" in r) == (m in MERGEABLE)
         if m in MERGEABLE:
-            assert r["merged_max_abs_logit_difference"] < 1e-5 and isinstance(r["merged_target_met"], bool)
+            assert r["merged_max_abs_logit_difference"] < 1e-5
+            low, high = r["merged_vs_base_interval"]
+            assert low <= r["merged_vs_base"] <= high and r["merged_verdict"] in ("met", "missed", "within noise")
         assert ("peft" in r) == (m in bench_all.PEFT_HAS)
         if m in bench_all.PEFT_HAS:
             assert r["peft"]["max_abs_logit_difference"] < 1e-5
-            assert r["peft"]["step_ratio"] > 0 and isinstance(r["peft"]["target_met"], bool)
+            low, high = r["peft"]["step_ratio_interval"]
+            assert 0 < low <= r["peft"]["step_ratio"] <= high and r["peft"]["verdict"] in ("met", "missed", "within noise")
     assert methods["full"]["step_vs_full"] == 1.0
     printed = capsys.readouterr().out
     assert all(m in printed for m in methods) and "step/peft (<=1.00)" in printed and "1.00+-0.02" in printed
@@ -168,3 +171,35 @@ def test_peak_memory_counts_the_steps_not_what_came_before(tiny):
     del ballast
     result = bench_all.measure_memory("lora", inputs, 1, build)
     assert 0 < result["built_mib"] <= result["peak_mib"] < result["built_mib"] + 200
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    # n = 10: P(Bin(10, 1/2) <= 1) = 11 / 1024 <= 0.025 < P(<= 2) = 56 / 1024, so x_(2) and x_(9)
+    values = [float(v) for v in (7, 3, 9, 1, 5, 10, 2, 8, 4, 6)]
+    assert bench.median_interval(values) == (2.0, 9.0, 1 - 2 * 11 / 1024)
+    # n = 20: P(<= 5) = 0.0207 <= 0.025 < P(<= 6) = 0.0577: x_(6) and x_(15)
+    low, high, coverage = bench.median_interval([float(v) for v in range(1, 21)])
+    assert (low, high) == (6.0, 15.0) and abs(coverage - 0.9586) < 1e-4
+    # too few rounds for 95%: the whole range, with the coverage it really has (1 - 2 / 2^5)
+    assert bench.median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, 1 - 2 / 32)
+    with pytest.raises(ValueError):
+        bench.median_interval([])
+
+
+def test_median_interval_covers_the_median_about_95_percent_of_the_time():
+    import random
+    rng = random.Random(0)
+    hits = 0
+    for _ in range(2000):
+        low, high, _ = bench.median_interval([rng.gauss(1.0, 0.05) for _ in range(10)])
+        hits += low <= 1.0 <= high
+    assert 0.96 < hits / 2000 < 0.995  # nominal 0.979 at n = 10
+
+
+def test_ratio_verdict_reads_the_whole_interval():
+    assert bench.ratio_verdict(0.97, 0.99, None, 1.00) == "met"
+    assert bench.ratio_verdict(0.98, 1.02, None, 1.00) == "within noise"
+    assert bench.ratio_verdict(1.01, 1.03, None, 1.00) == "missed"
+    assert bench.ratio_verdict(0.99, 1.01, 0.98, 1.02) == "met"
+    assert bench.ratio_verdict(1.00, 1.04, 0.98, 1.02) == "within noise"
+    assert bench.ratio_verdict(0.90, 0.97, 0.98, 1.02) == "missed"
