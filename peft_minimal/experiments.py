@@ -328,6 +328,10 @@ def record_path(name: str, scale: str) -> Path:
     return RESULTS / f"{name}-{scale}.json"
 
 
+# the resumable grids of grid.py (grid.PROTOCOL_GRIDS), which `python -m peft_minimal.experiments` hands on
+PROTOCOL_GRID_NAMES = ("protocol", "unipelt", "compare", "gpu")
+
+
 def load_record(name: str, scale: str) -> dict:
     path = record_path(name, scale)
     if not path.is_file():
@@ -337,10 +341,10 @@ def load_record(name: str, scale: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(GRIDS) + ["protocol", "unipelt"])
+    parser.add_argument("name", choices=sorted(GRIDS) + list(PROTOCOL_GRID_NAMES))
     parser.add_argument("--scale", choices=sorted(SCALES), default=current_scale().name)
     args = parser.parse_args(argv)
-    if args.name in ("protocol", "unipelt"):  # the resumable protocol grids live in grid.py
+    if args.name in PROTOCOL_GRID_NAMES:  # the resumable protocol grids live in grid.py
         from . import grid
         return grid.main([args.name, "--scale", args.scale])
     start = time.time()

@@ -129,6 +129,16 @@ def compare(a: str, runs_a: Sequence[dict], b: str, runs_b: Sequence[dict], n_te
             "verdict": f"{text} {shown[0]} (paired by seed), {shown[1]} (bootstrap over test messages)"}
 
 
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The labels of ``points`` (label -> (cost, accuracy)) that no other point dominates (as
+    cheap or cheaper *and* as accurate or more, one of them strictly), cheapest first. On means
+    over seeds this is a description of the means, not a ranking: two neighbours on the front
+    may be inside each other's noise (read :func:`compare` for that)."""
+    def dominated(a: tuple[float, float]) -> bool:
+        return any(b[0] <= a[0] and b[1] >= a[1] and b != a for b in points.values())
+    return sorted((label for label, point in points.items() if not dominated(point)), key=lambda l: points[l])
+
+
 def correct_matrix(runs: Sequence[dict], n: int) -> np.ndarray:
     """seeds x ``n`` test messages, 1 where a run got the message right (for a bootstrap)."""
     return np.stack([unpack_correct(r["test_correct"], n) for r in runs])

@@ -366,3 +366,13 @@ def test_run_spec_names_its_size_only_when_set():
     plain, sized = grid.RunSpec("pfeiffer", lr=1e-3, k=16), grid.RunSpec("pfeiffer", lr=1e-3, k=16, size=64)
     assert "size" not in plain.key() and "|size=64|" in sized.key()
     assert plain.key() == "pfeiffer|k=16|seed=0|lr=0.001"  # the records' keys of chapter 5 stay valid
+
+
+def test_experiments_hands_every_protocol_grid_to_grid_main(monkeypatch):
+    from peft_minimal import experiments
+    assert set(experiments.PROTOCOL_GRID_NAMES) == set(grid.PROTOCOL_GRIDS)
+    seen = []
+    monkeypatch.setattr(grid, "main", lambda argv: seen.append(argv))
+    for name in grid.PROTOCOL_GRIDS:
+        experiments.main([name, "--scale", "ci"])
+    assert seen == [[name, "--scale", "ci"] for name in grid.PROTOCOL_GRIDS]

@@ -116,3 +116,11 @@ def test_plateau_check_sets_the_tuned_run_against_one_twice_as_long(record):
     assert check["gain"] == pytest.approx(0.1) and (check["short_best_step"], check["long_best_step"]) == (30, 10)
     with pytest.raises(LookupError, match="still running"):
         report.plateau_check(record, 40, method="full")
+
+
+def test_pareto_front_keeps_the_undominated_points_cheapest_first():
+    points = {"tiny": (10, 0.40), "small": (100, 0.55), "worse and dearer": (200, 0.50),
+              "big": (1000, 0.60), "same cost, lower": (1000, 0.58), "huge": (10_000, 0.60)}
+    assert report.pareto_front(points) == ["tiny", "small", "big"]  # "huge" costs more for no gain
+    assert report.pareto_front({"a": (1, 0.5), "b": (1, 0.5)}) == ["a", "b"]  # ties dominate nobody
+    assert report.pareto_front({}) == []
