@@ -109,6 +109,18 @@ def paired(runs_a: Sequence[dict], runs_b: Sequence[dict]) -> Interval:
     return paired_interval([a[s] for s in seeds], [b[s] for s in seeds])
 
 
+def gap_change(a_1: Sequence[dict], b_1: Sequence[dict], a_2: Sequence[dict], b_2: Sequence[dict]) -> Interval:
+    """Paired-by-seed 95% interval of how much a gap changes between two settings:
+    ``(acc(a_1) - acc(b_1)) - (acc(a_2) - acc(b_2))`` per seed (e.g. AdaLoRA minus LoRA at the low
+    budget against the same at the high budget), over the seeds all four have. Runs of one seed
+    share the training sample, so the four pair."""
+    by_seed = [{r["spec"]["seed"]: r["test_accuracy"] for r in runs} for runs in (a_1, b_1, a_2, b_2)]
+    seeds = sorted(set.intersection(*(set(d) for d in by_seed)))
+    gap_1 = [by_seed[0][s] - by_seed[1][s] for s in seeds]
+    gap_2 = [by_seed[2][s] - by_seed[3][s] for s in seeds]
+    return paired_interval(gap_1, gap_2)
+
+
 def compare(a: str, runs_a: Sequence[dict], b: str, runs_b: Sequence[dict], n_test: int) -> dict:
     """``a`` against ``b`` two ways: paired by seed (Student's t, seed noise) and by a paired
     bootstrap over test messages of the seed-averaged correctness (test-sample noise). The

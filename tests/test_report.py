@@ -124,3 +124,14 @@ def test_pareto_front_keeps_the_undominated_points_cheapest_first():
     assert report.pareto_front(points) == ["tiny", "small", "big"]  # "huge" costs more for no gain
     assert report.pareto_front({"a": (1, 0.5), "b": (1, 0.5)}) == ["a", "b"]  # ties dominate nobody
     assert report.pareto_front({}) == []
+
+
+def test_gap_change_pairs_four_configurations_by_seed():
+    def at(*accs):
+        return [{"spec": {"seed": seed}, "test_accuracy": acc} for seed, acc in enumerate(accs)]
+    # the gap a - b is 0.10, 0.12, 0.08 at setting 1 and 0.02, 0.03, 0.01 at setting 2
+    interval = report.gap_change(at(0.6, 0.62, 0.58), at(0.5, 0.5, 0.5), at(0.7, 0.71, 0.69), at(0.68, 0.68, 0.68))
+    assert abs(interval.difference - 0.08) < 1e-12 and interval.low < 0.08 < interval.high and interval.n == 3
+    assert interval.low > 0   # the per-seed changes 0.08, 0.09, 0.07 are all well above 0
+    # only the seeds all four share pair
+    assert report.gap_change(at(0.6, 0.6, 0.9), at(0.5, 0.5), at(0.5, 0.5), at(0.5, 0.5, 0.1)).n == 2
