@@ -79,7 +79,7 @@ class UniPELTConfig:
     non_linearity: str = "relu"
     adapter_init: str = "bert"                   # the reference's N(0, 0.02); "zero_up": f = 0 at init
     num_virtual_tokens: int = 10
-    prefix_projection: bool = True               # train the prefix through the MLP (saved as it is)
+    prefix_projection: bool = True               # train the prefix through the MLP (saved: its output)
     encoder_hidden_size: int | None = 512        # the MLP's width; None: the KV width
     shift_positions: bool = False                # the reference does not shift (peft does)
     gate_pooling: str = "masked"                 # "mean": the reference's mean, padding included
@@ -295,8 +295,25 @@ def to_saved(config: UniPELTConfig) -> dict:
 
 
 def from_saved(d: dict) -> UniPELTConfig:
+    """The saved prefix is the flat one (the MLP's output, see :func:`pack`), so the config loaded is
+    flat too, as prefix tuning's is: the MLP only helps training, serving needs its output."""
     fields = {k: v for k, v in d.items() if k in UniPELTConfig.__dataclass_fields__}
-    return UniPELTConfig(**{**fields, "modules_to_save": list(d.get("modules_to_save") or [])})
+    return UniPELTConfig(**{**fields, "prefix_projection": False, "modules_to_save": list(d.get("modules_to_save") or [])})
+
+
+SAVED_PREFIX = "base_model.model."
+
+
+def pack(config: UniPELTConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors: the prefix MLP (2.5M numbers at the paper's sizes on MiniLM) is replaced by
+    what it computes, the ``P x (L 2 d)`` prefix (46,080), as prefix tuning saves it; the rest as is."""
+    encoder = {k: v for k, v in tensors.items() if "prompt_encoder." in k}
+    rest = {k: v for k, v in tensors.items() if k not in encoder}
+    if config.prefix and config.prefix_projection:
+        owner = next(iter(encoder)).split("prompt_encoder.")[0]
+        flat = prefix.pack(config.prefix_config(), {k.removeprefix(owner): v for k, v in encoder.items()})
+        encoder = {f"{owner}prompt_encoder.embedding.weight": flat["prompt_embeddings"]}
+    return {SAVED_PREFIX + k: v for k, v in {**rest, **encoder}.items()}
 
 
 def shapes(model: nn.Module, config: UniPELTConfig) -> Shapes:
@@ -321,4 +338,5 @@ def shapes(model: nn.Module, config: UniPELTConfig) -> Shapes:
 
 
 METHOD = Method("UNIPELT", UniPELTConfig, add_unipelt, to_saved, from_saved, shapes, MARKERS,
-                merge, unmerge, merge_and_unload, can_merge=False, peft_loads=False)
+                merge, unmerge, merge_and_unload, can_merge=False, peft_loads=False,
+                saved_prefix=SAVED_PREFIX, pack=pack)

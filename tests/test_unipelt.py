@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from peft_minimal import count_parameters, load_adapter, prefix, registry, save_adapter, unipelt
+from peft_minimal.io import read_adapter
 from peft_minimal.unipelt import UniPELTConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapters"
@@ -203,8 +204,16 @@ def test_save_load_round_trip(model_name, request, ids, tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "UNIPELT"
     loaded = load_adapter(copy.deepcopy(base), tmp_path)
     heads = ["classifier"] if model_name == "tiny_bert" else []
-    assert loaded.peft_config == replace(ours.peft_config, modules_to_save=heads)
-    assert torch.equal(logits(loaded, ids, MASK), logits(ours, ids, MASK))
+    # the file keeps the prefix the MLP computes, not the MLP: the loaded model's prefix is flat
+    assert loaded.peft_config == replace(ours.peft_config, modules_to_save=heads, prefix_projection=False)
+    saved = read_adapter(tmp_path)[1]
+    assert not any("transform" in k for k in saved)
+    kv = prefix.KVShape.of(base)
+    assert sum(t.numel() for k, t in saved.items() if "prompt_encoder" in k) == SMALL["num_virtual_tokens"] * kv.num_layers * 2 * kv.token_dim
+    torch.testing.assert_close(logits(loaded, ids, MASK), logits(ours, ids, MASK), atol=1e-6, rtol=0)
+    # saved again, the flat prefix is kept as it is
+    save_adapter(loaded, tmp_path / "again")
+    assert load_adapter(copy.deepcopy(base), tmp_path / "again").peft_config == loaded.peft_config
 
 
 def test_trains_through_the_shared_loop(tiny_bert):
