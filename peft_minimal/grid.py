@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, replace
+from functools import partial
 
 import torch
 
@@ -204,19 +205,36 @@ BUDGET_SIZES = {"pfeiffer": (16, 64), "houlsby": (8, 32), "prefix": (18, 72)}
 BUDGET_RANKS = (2, 8)
 
 
-def compare_grid(proto: Protocol, record) -> None:
-    """Chapter 6's grid, resumable, at K = 64 then K = 16 per class: every method the other
-    records lack at the two budgets, each at its tuned rate over 3 seeds (:func:`tuned_runs`):
-    BitFit, the Pfeiffer and Houlsby adapters and the prefix at :data:`BUDGET_SIZES`, and at
-    K = 16 LoRA and AdaLoRA on all six matrix types at ranks :data:`BUDGET_RANKS` (at K = 64 the
-    main grid holds them). The methods at the papers' settings (chapters 2-5) are read from the
-    ``protocol`` and ``unipelt`` records. The whole pool (1,200 steps a run) is left to a GPU."""
-    for k in (64, 16):
-        specs = [RunSpec("bitfit", k=k)]
-        specs += [RunSpec(method, k=k, size=size) for method, sizes in BUDGET_SIZES.items() for size in sizes]
-        if k != 64:
-            specs += [RunSpec(method, k=k, r=r, targets=ALL_SIX) for r in BUDGET_RANKS for method in ("lora", "adalora")]
-        for spec in specs:
+# The methods at the papers' settings (chapters 2-5), which the protocol and unipelt records hold
+# at K = 16 and 64: on the whole pool no record holds them, so compare_specs(None) adds them.
+PAPER_SETTINGS = [RunSpec("probe"), RunSpec("head"), RunSpec("full"), RunSpec("lora", r=8), RunSpec("ia3"),
+                  RunSpec("adalora", r=2, targets=ALL_SIX), *(RunSpec(method) for method in UNIPELT_METHODS),
+                  # the readout (chapter 6): at K = 64 the head on mean-pooled tokens alone led every method
+                  RunSpec("head", variant="mean-pool"), RunSpec("lora", r=8, variant="mean-pool")]
+
+
+def compare_specs(k: int | None) -> list[RunSpec]:
+    """Chapter 6's configurations at ``k`` per class (None: the whole pool): BitFit, the Pfeiffer
+    and Houlsby adapters and the prefix at :data:`BUDGET_SIZES`, and LoRA and AdaLoRA on all six
+    matrix types at ranks :data:`BUDGET_RANKS` except at K = 64 (the main grid holds them); on
+    the whole pool, the methods at the papers' settings as well (:data:`PAPER_SETTINGS`)."""
+    specs = [RunSpec("bitfit", k=k)]
+    specs += [RunSpec(method, k=k, size=size) for method, sizes in BUDGET_SIZES.items() for size in sizes]
+    if k != 64:
+        specs += [RunSpec(method, k=k, r=r, targets=ALL_SIX) for r in BUDGET_RANKS for method in ("lora", "adalora")]
+    if k is None:
+        specs += [replace(spec, k=None) for spec in PAPER_SETTINGS if spec not in specs]
+    return specs
+
+
+def compare_grid(proto: Protocol, record, ks: tuple[int, ...] = (64, 16)) -> None:
+    """Chapter 6's grid, resumable, at K = 64 then K = 16 per class (or the ``ks`` given:
+    ``python -m peft_minimal.grid compare --k 16`` runs one half, so two processes can fill the
+    record side by side): :func:`compare_specs`, each at its tuned rate over 3 seeds
+    (:func:`tuned_runs`). The methods at the papers' settings are read from the ``protocol`` and
+    ``unipelt`` records. The whole pool (1,200 steps a run) is the GPU grid's last step."""
+    for k in ks:
+        for spec in compare_specs(k):
             tuned_runs(record, spec, proto=proto)
 
 
@@ -234,7 +252,10 @@ def gpu_grid(proto: Protocol, record) -> None:
        curve was still rising when the protocol's run ended (its plateau check).
     3. LoRA's rank sweep at K = 64 (r = 1, 2, 4, 16, alpha fixed) at LoRA r = 8's rate.
     4. LoRA r = 8 and the head reading mean-pooled tokens at K = 64, each at its tuned rate.
-    5. K = 16 per class: the probe, LoRA r = 8, the head, full fine-tuning and (IA)³, each tuned."""
+    5. K = 16 per class: the probe, LoRA r = 8, the head, full fine-tuning and (IA)³, each tuned.
+    6. Chapter 6 on the whole training pool (:func:`compare_specs` with K = None): every method at
+       the papers' settings and at the two budgets, each tuned, 3 seeds; the full-data regime of
+       the UniPELT paper, which two CPU cores cannot run (1,200 steps a run)."""
     from .report import final_runs
 
     cpu = open_record("protocol", proto).data
@@ -263,6 +284,8 @@ def gpu_grid(proto: Protocol, record) -> None:
     for spec in (RunSpec("probe", k=16), RunSpec("lora", k=16, r=8), RunSpec("head", k=16),
                  RunSpec("full", k=16), RunSpec("ia3", k=16)):
         tuned_runs(record, spec, proto=proto)
+    for spec in compare_specs(None):
+        tuned_runs(record, spec, proto=proto)
 
 
 PROTOCOL_GRIDS = {"protocol": protocol_grid, "unipelt": unipelt_grid, "compare": compare_grid, "gpu": gpu_grid}
@@ -283,11 +306,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", nargs="?", default="protocol", choices=sorted(PROTOCOL_GRIDS))
     parser.add_argument("--scale", choices=sorted(SCALES), default=current_scale().name)
     parser.add_argument("--record-dir", help="keep (and resume) the record in this folder instead of results/")
+    parser.add_argument("--k", type=int, choices=(16, 64), help="compare only: run one K per class (one half)")
     args = parser.parse_args(argv)
+    if args.k is not None and args.name != "compare":
+        parser.error("--k splits the compare grid only")
     start = time.time()
     record = open_record(args.name, PROTOCOLS[args.scale], args.record_dir)
     before = len(record)
-    PROTOCOL_GRIDS[args.name](PROTOCOLS[args.scale], record)
+    run_grid = PROTOCOL_GRIDS[args.name]
+    if args.k is not None:
+        run_grid = partial(compare_grid, ks=(args.k,))
+    run_grid(PROTOCOLS[args.scale], record)
     print(f"{record.path}: {len(record) - before} new runs, {len(record)} in all, {time.time() - start:.0f} s")
 
 

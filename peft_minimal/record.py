@@ -10,10 +10,14 @@ A grid cut off at any point, by a session ending or a crash, resumes where it st
         record.run(spec.key(), lambda: run(spec))   # skipped if already recorded
 
 Every run carries the environment that made it (versions, device, threads), so a record
-filled by several machines or sessions says which numbers came from where.
+filled by several machines or sessions says which numbers came from where. Two processes may
+fill one record side by side (two halves of a grid, one thread each): every save merges the
+runs the other process wrote since, under a lock on ``<record>.lock``, so neither loses the
+other's runs.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -82,7 +86,24 @@ class Record:
         return self[key]
 
     def save(self) -> None:
+        """Write the record, first taking in what another process saved to the same file since
+        (:func:`merge_runs`); the lock keeps two writers from interleaving read and write."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(tmp, self.path)  # a reader never sees half a file, a crash never loses the old one
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                self.data["runs"] = merge_runs(json.loads(self.path.read_text())["runs"], self.data["runs"])
+            tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+            os.replace(tmp, self.path)  # a reader never sees half a file, a crash never loses the old one
+
+
+def merge_runs(on_disk: dict, ours: dict) -> dict:
+    """The union of two versions of a record's runs. Where both hold a run, the one with more
+    fields wins (a run read on test later, :meth:`Record.update`, gains fields; it never loses
+    any), and ours on a tie: a run is computed once, so two versions differ only by such additions."""
+    merged = dict(on_disk)
+    for key, run in ours.items():
+        if key not in merged or len(run) >= len(merged[key]):
+            merged[key] = run
+    return merged

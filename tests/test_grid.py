@@ -282,8 +282,12 @@ def test_gpu_grid_replicates_at_the_cpu_rates_then_sweeps_in_its_own_record(tmp_
     assert seen[15:21] == [(m, r, 64, "", lr, seed, True, 2 * steps) for m, r, lr in replication[3:] for seed in (0, 1, 2)]
     assert seen[21:33] == [("lora", r, 64, "", 3e-3, seed, True, steps) for r in (1, 2, 4, 16) for seed in (0, 1, 2)]
     first16 = next(i for i, s in enumerate(seen) if s[2] == 16)
-    assert {s[3] for s in seen[33:first16]} == {"mean-pool"} and {s[2] for s in seen[first16:]} == {16}
-    assert {s[0] for s in seen[first16:]} == {"probe", "lora", "head", "full", "ia3"}
+    assert {s[3] for s in seen[33:first16]} == {"mean-pool"}
+    whole = next(i for i, s in enumerate(seen) if s[2] is None)
+    assert {s[2] for s in seen[first16:whole]} == {16} and {s[2] for s in seen[whole:]} == {None}
+    assert {s[0] for s in seen[first16:whole]} == {"probe", "lora", "head", "full", "ia3"}
+    # 6: chapter 6 on the whole pool, every configuration (the papers' settings and both budgets)
+    assert {s[0] for s in seen[whole:]} == {"probe", "head", "full", "lora", "ia3", "adalora", "bitfit", *grid.UNIPELT_METHODS}
     n = len(seen)
     grid.gpu_grid(ci, Record.open(tmp_path / "gpu.json", "gpu", ci.fixed()))
     assert len(seen) == n  # resumed: everything recorded
@@ -376,3 +380,30 @@ def test_experiments_hands_every_protocol_grid_to_grid_main(monkeypatch):
     for name in grid.PROTOCOL_GRIDS:
         experiments.main([name, "--scale", "ci"])
     assert seen == [[name, "--scale", "ci"] for name in grid.PROTOCOL_GRIDS]
+
+
+def test_compare_specs_cover_each_k_and_the_whole_pool_adds_the_papers_settings():
+    at64, at16, whole = grid.compare_specs(64), grid.compare_specs(16), grid.compare_specs(None)
+    assert {s.k for s in at64} == {64} and {s.k for s in at16} == {16} and {s.k for s in whole} == {None}
+    assert not [s for s in at64 if s.method in ("lora", "adalora")]  # the main grid holds them at K = 64
+    assert len(at16) == len(at64) + 4
+    assert [grid.replace(s, k=16) for s in whole[:len(at16)]] == at16  # the budgets first, as at K = 16
+    papers = whole[len(at16):]  # AdaLoRA at budget 2 is one of the budgets already
+    assert {s.method for s in papers} == {"probe", "head", "full", "lora", "ia3", *grid.UNIPELT_METHODS}
+    assert {s.variant for s in papers} == {"", "mean-pool"}
+    assert len({s.key() for s in whole}) == len(whole)  # nothing twice
+
+
+def test_compare_grid_halves_run_one_k_each(monkeypatch):
+    seen = []
+    monkeypatch.setattr(grid, "tuned_runs", lambda record, spec, proto=None: seen.append(spec.k))
+    class NoRecord(list):
+        path = "no record"
+    monkeypatch.setattr(grid, "open_record", lambda name, proto, directory=None: NoRecord())
+    grid.main(["compare", "--k", "16"])
+    assert set(seen) == {16} and len(seen) == len(grid.compare_specs(16))
+    seen.clear()
+    grid.main(["compare"])
+    assert seen == [64] * len(grid.compare_specs(64)) + [16] * len(grid.compare_specs(16))
+    with pytest.raises(SystemExit):
+        grid.main(["unipelt", "--k", "16"])

@@ -40,3 +40,36 @@ def test_a_record_of_another_scale_is_refused(tmp_path):
     Record.open(path, "grid", {"steps": 5}).run("a", lambda: {})
     with pytest.raises(ValueError, match="scale"):
         Record.open(path, "grid", {"steps": 6})
+
+
+def test_two_writers_of_one_record_keep_each_others_runs(tmp_path):
+    path = tmp_path / "grid-ci.json"
+    first, second = Record.open(path, "grid", {"steps": 5}), Record.open(path, "grid", {"steps": 5})
+    first.run("a", lambda: {"value": 1})
+    second.run("b", lambda: {"value": 2})  # opened before "a" was saved: its save must not drop "a"
+    first.update("a", {"test_accuracy": 0.5})
+    second.run("c", lambda: {"value": 3})  # holds the older "a" (without test_accuracy): the fuller one wins
+    on_disk = Record.open(path, "grid", {"steps": 5})
+    assert sorted(on_disk.data["runs"]) == ["a", "b", "c"]
+    assert on_disk["a"]["test_accuracy"] == 0.5
+    assert "a" in second  # a save also brings the other writer's runs in, so they are not run again
+
+
+def _write_runs(path, prefix, n):
+    record = Record.open(path, "grid", {"steps": 5})
+    for i in range(n):
+        record.run(f"{prefix}{i}", lambda: {"value": i})
+
+
+def test_two_processes_filling_one_record_lose_nothing(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "grid-ci.json"
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_runs, args=(path, prefix, 25)) for prefix in "xy"]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=60)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert len(Record.open(path, "grid", {"steps": 5})) == 50
