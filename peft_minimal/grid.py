@@ -199,7 +199,7 @@ def unipelt_grid(proto: Protocol, record) -> None:
 # Chapter 6's two budgets, in adapter numbers saved: about LoRA r = 2 and r = 8 on all six matrix
 # types (82,944 and 331,776 on MiniLM; AdaLoRA's budgets 2 and 8; four times apart, as AdaLoRA's
 # Table 1 goes from 0.32M to 1.27M on DeBERTaV3-base). Adapters at AdapterHub-style reduction
-# factors within 10% of them (Pfeiffer b = 16, 64: 76,128 and 297,600; Houlsby b = 8, 32: 78,432
+# factors within 11% of them (Pfeiffer b = 16, 64: 76,128 and 297,600; Houlsby b = 8, 32: 78,432
 # and 299,904); the prefix exactly (P 2 L d with P = 18, 72; it trains its MLP besides).
 BUDGET_SIZES = {"pfeiffer": (16, 64), "houlsby": (8, 32), "prefix": (18, 72)}
 BUDGET_RANKS = (2, 8)
@@ -209,7 +209,7 @@ BUDGET_RANKS = (2, 8)
 # at K = 16 and 64: on the whole pool no record holds them, so compare_specs(None) adds them.
 PAPER_SETTINGS = [RunSpec("probe"), RunSpec("head"), RunSpec("full"), RunSpec("lora", r=8), RunSpec("ia3"),
                   RunSpec("adalora", r=2, targets=ALL_SIX), *(RunSpec(method) for method in UNIPELT_METHODS),
-                  # the readout (chapter 6): at K = 64 the head on mean-pooled tokens alone led every method
+                  # the readout (chapter 6): at K = 64 the head alone on mean-pooled tokens had the highest mean
                   RunSpec("head", variant="mean-pool"), RunSpec("lora", r=8, variant="mean-pool")]
 
 
@@ -239,7 +239,7 @@ def compare_grid(proto: Protocol, record, ks: tuple[int, ...] = (64, 16)) -> Non
 
 
 def gpu_grid(proto: Protocol, record) -> None:
-    """The protocol's runs that a GPU finishes in minutes and two CPU cores in hours, in a
+    """The protocol's runs that a GPU finishes in minutes to hours and two CPU cores in days, in a
     record of their own (``results/gpu-<scale>.json``; on CUDA every run uses bf16 autocast), so
     that a comparison reads one record and never sets a GPU run against a CPU run. Resumable, in
     the order of their value if cut off:
@@ -255,7 +255,8 @@ def gpu_grid(proto: Protocol, record) -> None:
     5. K = 16 per class: the probe, LoRA r = 8, the head, full fine-tuning and (IA)³, each tuned.
     6. Chapter 6 on the whole training pool (:func:`compare_specs` with K = None): every method at
        the papers' settings and at the two budgets, each tuned, 3 seeds; the full-data regime of
-       the UniPELT paper, which two CPU cores cannot run (1,200 steps a run)."""
+       the UniPELT paper, which two CPU cores cannot run (1,200 steps a run at the ci scale; over
+       a hundred runs). No chapter reads these yet: chapter 6 lists them as the GPU's share."""
     from .report import final_runs
 
     cpu = open_record("protocol", proto).data
@@ -312,12 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--k splits the compare grid only")
     start = time.time()
     record = open_record(args.name, PROTOCOLS[args.scale], args.record_dir)
-    before = len(record)
     run_grid = PROTOCOL_GRIDS[args.name]
     if args.k is not None:
         run_grid = partial(compare_grid, ks=(args.k,))
     run_grid(PROTOCOLS[args.scale], record)
-    print(f"{record.path}: {len(record) - before} new runs, {len(record)} in all, {time.time() - start:.0f} s")
+    print(f"{record.path}: {len(record.written)} runs computed or updated by this process, {len(record)} in all, "
+          f"{time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

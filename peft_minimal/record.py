@@ -17,7 +17,6 @@ other's runs.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -26,6 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per record there
+    fcntl = None
 
 
 def environment() -> dict:
@@ -43,6 +47,7 @@ class Record:
 
     def __init__(self, path: Path, data: dict) -> None:
         self.path, self.data = Path(path), data
+        self.written: set[str] = set()  # the runs this process computed or updated
 
     @classmethod
     def open(cls, path: str | Path, name: str, scale: dict) -> "Record":
@@ -76,12 +81,14 @@ class Record:
             result.update(key=key, environment=environment(), wall_seconds=round(time.time() - start, 1),
                           finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             self.data["runs"][key] = result
+            self.written.add(key)
             self.save()
         return self[key]
 
     def update(self, key: str, fields: dict) -> dict:
         """Add ``fields`` to the recorded run ``key`` (e.g. its test scores, read later) and save."""
         self.data["runs"][key].update(fields)
+        self.written.add(key)
         self.save()
         return self[key]
 
@@ -90,20 +97,28 @@ class Record:
         (:func:`merge_runs`); the lock keeps two writers from interleaving read and write."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
-                self.data["runs"] = merge_runs(json.loads(self.path.read_text())["runs"], self.data["runs"])
+                on_disk = json.loads(self.path.read_text())
+                if on_disk.get("scale") != self.data["scale"]:
+                    raise ValueError(f"{self.path} now holds a record at scale {on_disk.get('scale')}, "
+                                     f"not {self.data['scale']}: not merged, not overwritten")
+                self.data["runs"] = merge_runs(on_disk["runs"], self.data["runs"], self.written)
             tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.data, indent=1) + "\n")
             os.replace(tmp, self.path)  # a reader never sees half a file, a crash never loses the old one
 
 
-def merge_runs(on_disk: dict, ours: dict) -> dict:
-    """The union of two versions of a record's runs. Where both hold a run, the one with more
-    fields wins (a run read on test later, :meth:`Record.update`, gains fields; it never loses
-    any), and ours on a tie: a run is computed once, so two versions differ only by such additions."""
+def merge_runs(on_disk: dict, ours: dict, written: set[str]) -> dict:
+    """The runs on disk with ours laid over them: a run only we hold is added, and a run we
+    computed or updated (``written``) takes our fields over the disk's, keeping fields only the
+    disk has (another process's test scores, say). Every other run is the disk's version, which
+    is at least as new as ours."""
     merged = dict(on_disk)
     for key, run in ours.items():
-        if key not in merged or len(run) >= len(merged[key]):
+        if key not in merged:
             merged[key] = run
+        elif key in written:
+            merged[key] = {**merged[key], **run}
     return merged

@@ -398,7 +398,7 @@ def test_compare_grid_halves_run_one_k_each(monkeypatch):
     seen = []
     monkeypatch.setattr(grid, "tuned_runs", lambda record, spec, proto=None: seen.append(spec.k))
     class NoRecord(list):
-        path = "no record"
+        path, written = "no record", ()
     monkeypatch.setattr(grid, "open_record", lambda name, proto, directory=None: NoRecord())
     grid.main(["compare", "--k", "16"])
     assert set(seen) == {16} and len(seen) == len(grid.compare_specs(16))

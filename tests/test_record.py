@@ -55,6 +55,26 @@ def test_two_writers_of_one_record_keep_each_others_runs(tmp_path):
     assert "a" in second  # a save also brings the other writer's runs in, so they are not run again
 
 
+def test_two_writers_adding_fields_to_one_run_keep_both(tmp_path):
+    path = tmp_path / "grid-ci.json"
+    first = Record.open(path, "grid", {"steps": 5})
+    first.run("a", lambda: {"value": 1})
+    second = Record.open(path, "grid", {"steps": 5})
+    first.update("a", {"test_accuracy": 0.5})
+    second.update("a", {"gates": [0.1]})
+    assert Record.open(path, "grid", {"steps": 5})["a"] | {"environment": None} == {
+        **first["a"], "gates": [0.1], "environment": None}
+
+
+def test_a_record_replaced_by_another_scale_is_not_overwritten(tmp_path):
+    path = tmp_path / "grid-ci.json"
+    record = Record.open(path, "grid", {"steps": 5})
+    Record.open(tmp_path / "other.json", "grid", {"steps": 6}).run("b", lambda: {})
+    (tmp_path / "other.json").replace(path)
+    with pytest.raises(ValueError, match="not merged"):
+        record.run("a", lambda: {})
+
+
 def _write_runs(path, prefix, n):
     record = Record.open(path, "grid", {"steps": 5})
     for i in range(n):
