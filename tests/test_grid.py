@@ -109,11 +109,11 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
     assert seen == [1e-3, 3e-3, 1e-2]  # an inner optimum: no extension
 
 
-@pytest.mark.parametrize("name", ["protocol", "gpu", "unipelt"])
+@pytest.mark.parametrize("name", ["protocol", "gpu", "unipelt", "compare"])
 def test_committed_protocol_record_is_consistent(name):
     """Every recorded run is named by its own configuration, and every run that read the test
     split read all of it; rate-grid runs that lost kept the test split unread (the CPU record,
-    the GPU record and chapter 5's record alike)."""
+    the GPU record, chapter 5's and chapter 6's alike)."""
     record = experiments.load_record(name, "ci")
     proto = grid.PROTOCOLS["ci"]
     assert record["scale"] == proto.fixed()
