@@ -227,15 +227,30 @@ def compare_specs(k: int | None) -> list[RunSpec]:
     return specs
 
 
+def plateau_check_if_rising(record, spec: RunSpec, proto: Protocol) -> dict | None:
+    """:func:`plateau_check` for ``spec`` when seed 0's tuned run ended with its curve still rising
+    (chapter 2's ``plateaued`` flag false); None when it had flattened. Runs cut short would
+    compare speed of optimisation, not the methods."""
+    lr = tuned_lr(record, spec, 0, proto)
+    if record[proto.key(replace(spec, lr=lr, seed=0))]["plateaued"]:
+        return None
+    return plateau_check(record, spec, proto)
+
+
 def compare_grid(proto: Protocol, record, ks: tuple[int, ...] = (64, 16)) -> None:
     """Chapter 6's grid, resumable, at K = 64 then K = 16 per class (or the ``ks`` given:
     ``python -m peft_minimal.grid compare --k 16`` runs one half, so two processes can fill the
     record side by side): :func:`compare_specs`, each at its tuned rate over 3 seeds
-    (:func:`tuned_runs`). The methods at the papers' settings are read from the ``protocol`` and
-    ``unipelt`` records. The whole pool (1,200 steps a run) is the GPU grid's last step."""
+    (:func:`tuned_runs`); then, once every comparison run of those K is in, the run twice as long
+    for each configuration whose seed-0 curve was still rising (:func:`plateau_check_if_rising`).
+    The methods at the papers' settings are read from the ``protocol`` and ``unipelt`` records.
+    The whole pool (1,200 steps a run) is the GPU grid's last step."""
     for k in ks:
         for spec in compare_specs(k):
             tuned_runs(record, spec, proto=proto)
+    for k in ks:
+        for spec in compare_specs(k):
+            plateau_check_if_rising(record, spec, proto)
 
 
 def gpu_grid(proto: Protocol, record) -> None:

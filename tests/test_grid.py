@@ -32,7 +32,7 @@ def fake_protocol_run(calls: list, entry, val_accuracy):
         import torch
         calls.append(entry(spec, read_test))
         run = {"spec": grid.asdict(spec), "steps": 10, "curve": [], "val_accuracy": val_accuracy(spec),
-               "val_loss": 1.0}
+               "val_loss": 1.0, "plateaued": True}
         if read_test:
             run["test_accuracy"] = 0.5
         else:
@@ -366,6 +366,31 @@ def test_compare_grid_runs_each_budget_at_k64_then_k16_and_resumes(tmp_path, mon
     assert grid.PROTOCOL_GRIDS["compare"] is grid.compare_grid
 
 
+def test_compare_grid_doubles_only_the_runs_still_rising_after_all_comparison_runs(tmp_path, monkeypatch, tiny_bert):
+    from peft_minimal import protocol
+    from peft_minimal.record import Record
+    monkeypatch.setattr(protocol, "CACHE", tmp_path)
+    calls = []
+
+    def fake_run(spec, proto, progress=False, read_test=True, return_model=False):
+        calls.append((spec.method, spec.size, spec.seed, spec.lr, proto.steps_for(spec.k), read_test))
+        best = spec.lr == grid.LR_GRIDS[spec.method][1]
+        return {"spec": grid.asdict(spec), "steps": proto.steps_for(spec.k), "curve": [], "val_loss": 1.0,
+                "val_accuracy": 0.6 if best else 0.5, "test_accuracy": 0.5,
+                "plateaued": spec.method != "bitfit"}   # BitFit's curves still rising at their end
+
+    patch(monkeypatch, "run_protocol", fake_run)
+    ci = grid.PROTOCOLS["ci"]
+    grid.compare_grid(ci, Record.open(tmp_path / "c.json", "compare", ci.fixed()), ks=(64,))
+    doubled = [c for c in calls if c[4] == 2 * ci.steps_for(64)]
+    # one doubled run: BitFit's seed 0 at its tuned rate, on validation only, after every comparison run
+    assert doubled == [("bitfit", None, 0, grid.LR_GRIDS["bitfit"][1], 2 * ci.steps_for(64), False)]
+    assert calls.index(doubled[0]) == len(calls) - 1 and len(calls) == 5 * len(grid.compare_specs(64)) + 1
+    n = len(calls)
+    grid.compare_grid(ci, Record.open(tmp_path / "c.json", "compare", ci.fixed()), ks=(64,))  # resumed
+    assert len(calls) == n
+
+
 def test_run_spec_names_its_size_only_when_set():
     plain, sized = grid.RunSpec("pfeiffer", lr=1e-3, k=16), grid.RunSpec("pfeiffer", lr=1e-3, k=16, size=64)
     assert "size" not in plain.key() and "|size=64|" in sized.key()
@@ -397,6 +422,7 @@ def test_compare_specs_cover_each_k_and_the_whole_pool_adds_the_papers_settings(
 def test_compare_grid_halves_run_one_k_each(monkeypatch):
     seen = []
     monkeypatch.setattr(grid, "tuned_runs", lambda record, spec, proto=None: seen.append(spec.k))
+    monkeypatch.setattr(grid, "plateau_check_if_rising", lambda record, spec, proto: None)
     class NoRecord(list):
         path, written = "no record", ()
     monkeypatch.setattr(grid, "open_record", lambda name, proto, directory=None: NoRecord())
