@@ -24,7 +24,7 @@ from .experiments import ALL_SIX, SCALES, current_scale, prepare, record_path
 from .models import device
 # the run-level names stay importable from here (chapters and coursework use grid.RunSpec etc.)
 from .runs import (LORA_ALPHA, PROTOCOLS, Protocol, RunSpec, current_protocol, finish_on_test,  # noqa: F401
-                   protocol_data, run_protocol, score_on_test, state_path)
+                   protocol_data, replay, run_protocol, score_on_test, state_path)
 
 # Each method's learning-rate grid (≥ 3 values, a factor of ~3 apart), searched on validation.
 LR_GRIDS = {"head": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2), "adalora": (1e-3, 3e-3, 1e-2),

@@ -66,11 +66,20 @@ def rate_grid(record: dict, steps: int, **selector) -> list[tuple[float, float]]
     return sorted({(r["spec"]["lr"], r["val_accuracy"]) for r in runs})
 
 
-def plateau_check(record: dict, steps: int, **selector) -> dict:
+def unpaired_scale(accuracy: float, n: int) -> float:
+    """The 95% half-width of a difference between two independent accuracies near ``accuracy``
+    on ``n`` messages each: 1.96 · sqrt(2p(1 − p)/n). A loose bound for two runs read on the same
+    messages (their errors are correlated, so a paired test would resolve less); the book's
+    chapters use it only as a rough scale for the plateau check."""
+    return 1.96 * (2 * accuracy * (1 - accuracy) / n) ** 0.5
+
+
+def plateau_check(record: dict, steps: int, n_val: int | None = None, **selector) -> dict:
     """The protocol's plateau check (``grid.plateau_check``) of one configuration: its seed-0
     run at the tuned rate, ``steps`` long, against the same run twice as long, by best
     validation accuracy. A ``gain`` inside the noise of a difference says the protocol's length
-    was enough; a larger one, that the configuration was still learning."""
+    was enough; a larger one, that the configuration was still learning. With ``n_val`` (the
+    validation messages) the result holds that rough scale, ``noise`` (:func:`unpaired_scale`)."""
     selector = {"variant": "", **selector}
     lr = final_runs(record, **selector)[0]["spec"]["lr"]
 
@@ -84,7 +93,8 @@ def plateau_check(record: dict, steps: int, **selector) -> dict:
     short, long = run_of(steps), run_of(2 * steps)
     return {"lr": lr, "short": short["val_accuracy"], "short_best_step": short["best_step"],
             "long": long["val_accuracy"], "long_best_step": long["best_step"],
-            "gain": long["val_accuracy"] - short["val_accuracy"], "long_curve": long["curve"]}
+            "gain": long["val_accuracy"] - short["val_accuracy"], "long_curve": long["curve"],
+            **({"noise": unpaired_scale(short["val_accuracy"], n_val)} if n_val else {})}
 
 
 def accuracies(runs: Sequence[dict]) -> list[float]:

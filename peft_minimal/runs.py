@@ -177,6 +177,20 @@ def run_protocol(spec: RunSpec, proto: Protocol | None = None, progress: bool = 
     return (record, model) if return_model else record
 
 
+def replay(recorded: dict, proto: Protocol, stop_at: int, return_model: bool = False) -> dict:
+    """Re-run the first ``stop_at`` steps of a ``recorded`` run on this machine and set each
+    live curve point beside the recorded one: the chapters' check that a record's numbers come
+    from the code they show. ``accuracy_gap`` is the largest validation-accuracy difference,
+    ``loss_gap`` the largest relative validation-loss difference; the model is kept on request."""
+    spec = RunSpec(**{**recorded["spec"], "targets": tuple(recorded["spec"]["targets"])})
+    live, model = run_protocol(spec, proto, return_model=True, stop_at=stop_at)
+    pairs = list(zip(live["curve"], recorded["curve"]))
+    out = {"spec": spec, "live": live, "pairs": pairs,
+           "accuracy_gap": max(abs(a["val_accuracy"] - b["val_accuracy"]) for a, b in pairs),
+           "loss_gap": max(abs(a["val_loss"] - b["val_loss"]) / b["val_loss"] for a, b in pairs)}
+    return {**out, "model": model} if return_model else out
+
+
 GATE_MESSAGES = 256  # validation messages the recorded gate means average over (one extra pass)
 
 

@@ -433,3 +433,22 @@ def test_compare_grid_halves_run_one_k_each(monkeypatch):
     assert seen == [64] * len(grid.compare_specs(64)) + [16] * len(grid.compare_specs(16))
     with pytest.raises(SystemExit):
         grid.main(["unipelt", "--k", "16"])
+
+
+def test_replay_sets_the_live_curve_beside_the_recorded_one(monkeypatch):
+    recorded = {"spec": {"method": "lora", "lr": 3e-3, "seed": 0, "k": 16, "r": 8, "targets": ["query", "value"]},
+                "curve": [{"step": 10, "val_accuracy": 0.50, "val_loss": 2.0},
+                          {"step": 20, "val_accuracy": 0.60, "val_loss": 1.5},
+                          {"step": 30, "val_accuracy": 0.70, "val_loss": 1.0}]}
+    seen = []
+
+    def live_run(spec, proto, return_model, stop_at):
+        seen.append((spec, stop_at))
+        curve = [{"step": 10, "val_accuracy": 0.51, "val_loss": 2.02}, {"step": 20, "val_accuracy": 0.58, "val_loss": 1.5}]
+        return {"curve": curve}, "the model"
+    patch(monkeypatch, "run_protocol", live_run)
+    out = grid.replay(recorded, grid.PROTOCOLS["ci"], stop_at=20, return_model=True)
+    assert seen == [(grid.RunSpec("lora", lr=3e-3, k=16, targets=("query", "value")), 20)]
+    assert [(a["step"], b["step"]) for a, b in out["pairs"]] == [(10, 10), (20, 20)]  # the live run's points only
+    assert out["accuracy_gap"] == pytest.approx(0.02) and out["loss_gap"] == pytest.approx(0.01)
+    assert out["model"] == "the model" and "model" not in grid.replay(recorded, grid.PROTOCOLS["ci"], stop_at=20)

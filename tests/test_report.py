@@ -135,3 +135,12 @@ def test_gap_change_pairs_four_configurations_by_seed():
     assert interval.low > 0   # the per-seed changes 0.08, 0.09, 0.07 are all well above 0
     # only the seeds all four share pair
     assert report.gap_change(at(0.6, 0.6, 0.9), at(0.5, 0.5), at(0.5, 0.5), at(0.5, 0.5, 0.1)).n == 2
+
+
+def test_unpaired_scale_is_the_half_width_of_a_difference_of_two_accuracies(record):
+    assert report.unpaired_scale(0.5, 500) == pytest.approx(0.0620, abs=1e-4)  # the book's "±0.062"
+    assert report.unpaired_scale(0.9, 500) < report.unpaired_scale(0.5, 500)   # narrower away from 0.5
+    assert report.unpaired_scale(0.5, 2000) == pytest.approx(report.unpaired_scale(0.5, 500) / 2)
+    check = report.plateau_check(record, 40, n_val=500, method="lora", k=64)
+    assert check["noise"] == report.unpaired_scale(0.6, 500)  # read at the protocol-length run's accuracy
+    assert "noise" not in report.plateau_check(record, 40, method="lora", k=64)
