@@ -140,7 +140,9 @@ def protocol_grid(proto: Protocol, record) -> None:
        is in the GPU record, :func:`gpu_grid`.)
     6. The low-data axis: the probe at K = 16, 256 and the whole pool; the baselines of 1 at
        K = 16 (each tuned again: a rate tuned on 64 per class need not suit 16); their plateau
-       checks and the mean-pooled runs at K = 16; then LoRA and AdaLoRA at budget 8."""
+       checks and the mean-pooled runs at K = 16; then LoRA and AdaLoRA at budget 8, and the run
+       twice as long of either whose seed-0 curve was still rising (:func:`plateau_check_if_rising`),
+       so that chapter 6's verdicts at that budget know whether a method was still learning."""
     def seeds_at(spec: RunSpec, lr: float) -> None:
         for seed in (0, 1, 2):
             s = replace(spec, lr=lr, seed=seed)
@@ -176,6 +178,8 @@ def protocol_grid(proto: Protocol, record) -> None:
         plateau_check(record, spec, proto)
     mean_pooled(16)
     adalora_budget(8)  # chapter 6's second budget (the paper's 1.27M of DeBERTaV3-base, in miniature)
+    for method in ("lora", "adalora"):
+        plateau_check_if_rising(record, RunSpec(method, k=64, r=8, targets=ALL_SIX), proto)
 
 
 UNIPELT_METHODS = ("pfeiffer", "houlsby", "prefix", "prompt", "unipelt-ap", "unipelt-apl")

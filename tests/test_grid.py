@@ -306,17 +306,20 @@ def test_protocol_grid_order_the_low_data_axis_after_k64_and_resume(tmp_path, mo
     from peft_minimal.record import Record
     monkeypatch.setattr(protocol, "CACHE", tmp_path)
     ci = grid.PROTOCOLS["ci"]
-    seen, truncated = [], []
+    seen, truncated, doubled = [], [], []
 
     def fake_run(spec, proto, progress=False, read_test=True):
         seen.append((spec.method, spec.r, spec.k, spec.variant, spec.lr, spec.seed, read_test))
+        if spec.method != "probe" and proto.steps_for(spec.k) != ci.steps_for(spec.k):
+            doubled.append((spec.method, spec.r, spec.k, spec.variant, spec.lr, spec.seed))
         if not read_test:
             path = grid.state_path(proto.key(spec))
             path.parent.mkdir(parents=True, exist_ok=True)
             import torch
             torch.save({}, path)
+        rising = spec.method == "adalora" and spec.r == 8  # only AdaLoRA at budget 8 ends its curve still rising
         return {"spec": grid.asdict(spec), "val_accuracy": 0.5 + spec.lr, "val_loss": 1.0, "curve": [], "steps": 10,
-                **({"test_accuracy": 0.5} if read_test else {})}
+                "plateaued": not rising, **({"test_accuracy": 0.5} if read_test else {})}
 
     patch(monkeypatch, "run_protocol", fake_run)
     patch(monkeypatch, "truncation", lambda record, truncations, spec, proto: truncated.append(spec.k))
@@ -335,6 +338,11 @@ def test_protocol_grid_order_the_low_data_axis_after_k64_and_resume(tmp_path, mo
         assert grid16 and set(grid.LR_GRIDS[method]) <= set(grid16)
     budget8 = [s[:3] for s in seen[first16:] if s[2] == 64]
     assert budget8 and set(budget8) == {("lora", 8, 64), ("adalora", 8, 64)} and seen[-1][:3] == ("adalora", 8, 64)
+    # the doubled runs: chapter 2's three at K = 64 and two at K = 16, then AdaLoRA at budget 8 (its curve
+    # still rising), seed 0 at its tuned rate (the one its seeds 1 and 2 ran at), without test
+    tuned = next(s[4] for s in seen if s[:4] == ("adalora", 8, 64, "") and s[5] == 1)
+    assert doubled[-1] == ("adalora", 8, 64, "", tuned, 0) and seen[-1][-1] is False
+    assert [d[:3] for d in doubled].count(("lora", 8, 64)) == 1  # LoRA r = 8 (q, v) only: all six had flattened
     n = len(seen)
     grid.protocol_grid(ci, Record.open(tmp_path / "cpu.json", "protocol", ci.fixed()))
     assert len(seen) == n
