@@ -189,15 +189,18 @@ def unipelt_grid(proto: Protocol, record) -> None:
     """Chapter 5's grid, resumable: at K = 16 per class, then K = 64, the Pfeiffer and Houlsby
     adapters, prefix and prompt tuning, UniPELT-AP and -APL, each at its tuned rate over 3 seeds
     (:func:`tuned_runs`); after K = 16, each of them once more with twice the steps
-    (:func:`plateau_check`: the first adapter curves were still rising at step 200). The
-    baselines (probe, LoRA r = 8, full, head) are the main grid's, at the same protocol:
-    ``report.final_runs_in`` reads a configuration from either record."""
+    (:func:`plateau_check`: the first adapter curves were still rising at step 200); after
+    K = 64, those whose seed-0 curve still rose (:func:`plateau_check_if_rising`, for chapter
+    6's plateau table). The baselines (probe, LoRA r = 8, full, head) are the main grid's, at
+    the same protocol: ``report.final_runs_in`` reads a configuration from either record."""
     for k in (16, 64):
         for method in UNIPELT_METHODS:
             tuned_runs(record, RunSpec(method, k=k), proto=proto)
-        if k == 16:
-            for method in UNIPELT_METHODS:
+        for method in UNIPELT_METHODS:
+            if k == 16:
                 plateau_check(record, RunSpec(method, k=k), proto)
+            else:
+                plateau_check_if_rising(record, RunSpec(method, k=k), proto)
 
 
 # Chapter 6's two budgets, in adapter numbers saved: about LoRA r = 2 and r = 8 on all six matrix

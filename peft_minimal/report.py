@@ -69,8 +69,9 @@ def rate_grid(record: dict, steps: int, **selector) -> list[tuple[float, float]]
 def unpaired_scale(accuracy: float, n: int) -> float:
     """The 95% half-width of a difference between two independent accuracies near ``accuracy``
     on ``n`` messages each: 1.96 · sqrt(2p(1 − p)/n). A loose bound for two runs read on the same
-    messages (their errors are correlated, so a paired test would resolve less); the book's
-    chapters use it only as a rough scale for the plateau check."""
+    messages: their errors are correlated, so a paired test would detect smaller differences
+    than this (the bound is conservative); the book's chapters use it only as a rough scale for
+    the plateau check."""
     return 1.96 * (2 * accuracy * (1 - accuracy) / n) ** 0.5
 
 

@@ -24,15 +24,15 @@ def test_run_keys_name_every_setting_that_matters():
     assert ci.key(spec) == spec.key() + f"|steps={ci.steps_for(64)}" and ci.key(grid.RunSpec("probe")) == "probe|k=all|seed=0"
 
 
-def fake_protocol_run(calls: list, entry, val_accuracy):
+def fake_protocol_run(calls: list, entry, val_accuracy, plateaued=lambda spec: True):
     """A stand-in for ``grid.run_protocol``: appends ``entry(spec, read_test)`` to ``calls``, scores
-    validation with ``val_accuracy(spec)`` and, as a rate-grid run does, keeps (empty) weights when it
-    does not read the test split."""
+    validation with ``val_accuracy(spec)``, flags the curve flat with ``plateaued(spec)`` and, as a
+    rate-grid run does, keeps (empty) weights when it does not read the test split."""
     def fake_run(spec, proto, progress=False, read_test=True, return_model=False):
         import torch
         calls.append(entry(spec, read_test))
         run = {"spec": grid.asdict(spec), "steps": 10, "curve": [], "val_accuracy": val_accuracy(spec),
-               "val_loss": 1.0, "plateaued": True}
+               "val_loss": 1.0, "plateaued": plateaued(spec)}
         if read_test:
             run["test_accuracy"] = 0.5
         else:
@@ -186,17 +186,20 @@ def test_unipelt_grid_tunes_each_method_at_k16_then_k64_and_resumes(tmp_path, mo
     monkeypatch.setattr(protocol, "CACHE", tmp_path)
     calls = []
 
+    ci = grid.PROTOCOLS["ci"]
+    rising = ("houlsby", "unipelt-apl")  # at K = 64 these two end seed 0's curve still rising
     patch(monkeypatch, "run_protocol", fake_protocol_run(
         calls, lambda spec, read_test: (spec.k, spec.method, spec.lr, spec.seed, read_test),
-        lambda spec: 0.6 if spec.lr == grid.LR_GRIDS[spec.method][1] else 0.5))  # the middle of each grid wins
+        lambda spec: 0.6 if spec.lr == grid.LR_GRIDS[spec.method][1] else 0.5,  # the middle of each grid wins
+        lambda spec: not (spec.k == 64 and spec.method in rising)))
     patch(monkeypatch, "prepare", lambda *a, **k: (tiny_bert, None))
     patch(monkeypatch, "score_on_test", lambda model, proto: {"test_accuracy": 0.7})
-    ci = grid.PROTOCOLS["ci"]
     grid.unipelt_grid(ci, Record.open(tmp_path / "u.json", "unipelt", ci.fixed()))
     expected = [(k, m, lr, 0, False) for k in (16, 64) for m in grid.UNIPELT_METHODS for lr in grid.LR_GRIDS[m]]
     plateau = [(16, m, grid.LR_GRIDS[m][1], 0, False) for m in grid.UNIPELT_METHODS]  # twice the steps, K = 16
+    rising64 = [(64, m, grid.LR_GRIDS[m][1], 0, False) for m in grid.UNIPELT_METHODS if m in rising]
     first_64 = len(grid.UNIPELT_METHODS) * 3
-    expected = expected[:first_64] + plateau + expected[first_64:]
+    expected = expected[:first_64] + plateau + expected[first_64:] + rising64  # K = 64: only the rising ones
     assert [c for c in calls if c[3] == 0] == expected  # K = 16 first; each method's rate grid on validation
     for k in (16, 64):
         for m in grid.UNIPELT_METHODS:  # then seeds 1 and 2 at the winning rate, read on test
@@ -205,7 +208,7 @@ def test_unipelt_grid_tunes_each_method_at_k16_then_k64_and_resumes(tmp_path, mo
     assert set(grid.UNIPELT_METHODS) <= set(grid.LR_GRIDS) and grid.PROTOCOL_GRIDS["unipelt"] is grid.unipelt_grid
     n = len(calls)
     grid.unipelt_grid(ci, Record.open(tmp_path / "u.json", "unipelt", ci.fixed()))  # resumed: all recorded
-    assert len(calls) == n == 2 * 6 * 5 + 6
+    assert len(calls) == n == 2 * 6 * 5 + 6 + 2
 
 
 def test_run_protocol_records_unipelt_gates_and_step_time(monkeypatch, tiny_bert):
