@@ -132,6 +132,19 @@ def gap_change(a_1: Sequence[dict], b_1: Sequence[dict], a_2: Sequence[dict], b_
     return paired_interval(gap_1, gap_2)
 
 
+def compare_gaps(a_1: Sequence[dict], b_1: Sequence[dict], a_2: Sequence[dict], b_2: Sequence[dict],
+                 n_test: int) -> dict:
+    """:func:`gap_change` by the book's rule, as :func:`compare` does for one difference: the
+    change of the gap ``(a_1 - b_1) - (a_2 - b_2)`` paired by seed, and by a paired bootstrap
+    over test messages of the seed-averaged correctness; ``ranked`` (the change is measured)
+    only when both intervals exclude 0 on the same side."""
+    by_seed = gap_change(a_1, b_1, a_2, b_2)
+    mean = [correct_matrix(runs, n_test).mean(0) for runs in (a_1, b_1, a_2, b_2)]
+    by_message = bootstrap_interval(mean[0] - mean[1], mean[2] - mean[3])
+    ranked = (by_seed.low > 0 and by_message.low > 0) or (by_seed.high < 0 and by_message.high < 0)
+    return {"by_seed": by_seed, "by_message": by_message, "ranked": ranked}
+
+
 def compare(a: str, runs_a: Sequence[dict], b: str, runs_b: Sequence[dict], n_test: int) -> dict:
     """``a`` against ``b`` two ways: paired by seed (Student's t, seed noise) and by a paired
     bootstrap over test messages of the seed-averaged correctness (test-sample noise). The

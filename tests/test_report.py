@@ -137,6 +137,20 @@ def test_gap_change_pairs_four_configurations_by_seed():
     assert report.gap_change(at(0.6, 0.6, 0.9), at(0.5, 0.5), at(0.5, 0.5), at(0.5, 0.5, 0.1)).n == 2
 
 
+def test_compare_gaps_measures_a_change_only_when_both_intervals_agree():
+    # the gap A - B is 0.30 at setting 1 and 0.00 at setting 2 on every seed: a change of 0.30 by both
+    wide = report.compare_gaps(runs(0.8, 0.8, 0.8), runs(0.5, 0.5, 0.5), runs(0.6, 0.6, 0.6), runs(0.6, 0.6, 0.6), 100)
+    assert wide["ranked"] and wide["by_seed"].difference == pytest.approx(0.3) and wide["by_message"].low > 0.15
+    assert wide["by_message"].difference == pytest.approx(0.3)
+    # a change of one message in 100 on every seed: the seed interval excludes 0, the messages cannot
+    small = report.compare_gaps(runs(0.52, 0.53, 0.54), runs(0.5, 0.51, 0.52), runs(0.51, 0.52, 0.53),
+                                runs(0.5, 0.51, 0.52), 100)
+    assert small["by_seed"].low > 0 and not small["by_message"].excludes_zero() and not small["ranked"]
+    # a shrinking gap: measured, below 0
+    shrink = report.compare_gaps(runs(0.6, 0.6, 0.6), runs(0.6, 0.6, 0.6), runs(0.8, 0.8, 0.8), runs(0.5, 0.5, 0.5), 100)
+    assert shrink["ranked"] and shrink["by_seed"].high < 0 and shrink["by_message"].high < 0
+
+
 def test_unpaired_scale_is_the_half_width_of_a_difference_of_two_accuracies(record):
     assert report.unpaired_scale(0.5, 500) == pytest.approx(0.0620, abs=1e-4)  # the book's "±0.062"
     assert report.unpaired_scale(0.9, 500) < report.unpaired_scale(0.5, 500)   # narrower away from 0.5
